@@ -1,0 +1,198 @@
+//! The typed configuration of a `pegaflow-node` daemon, one struct per section.
+//!
+//! These are plain data: defaults live here, layering lives in `sources`, checks in `validate`.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::Size;
+
+/// Everything the node reads at start, after layering and validation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where connectors reach the node.
+    pub socket: SocketConfig,
+    /// Metrics, health and dashboard endpoint.
+    pub http: HttpConfig,
+    /// The pinned host-memory pool that holds KV blocks.
+    pub pool: PoolConfig,
+    /// How bytes move between GPU and pool.
+    pub dma: DmaConfig,
+    /// Optional local SSD tier below the pool.
+    pub ssd: SsdConfig,
+    /// Cluster membership and peer fetches.
+    pub fabric: FabricConfig,
+    /// Optional OTLP export of metrics and traces.
+    pub otlp: OtlpConfig,
+    /// Log filtering.
+    pub log: LogConfig,
+}
+
+/// The Unix socket connectors speak the frame protocol on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketConfig {
+    /// Socket file path; connectors must be configured with the same path.
+    pub path: PathBuf,
+    /// Largest frame accepted, so one bad client cannot make the node allocate without bound.
+    pub max_frame: Size,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            path: PathBuf::from("/tmp/pegaflow.sock"),
+            max_frame: Size::mib(8),
+        }
+    }
+}
+
+/// The HTTP listener for `/metrics`, `/healthz`, `/api/*` and `/dashboard`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; loopback by default because the API is unauthenticated.
+    pub addr: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9095)),
+        }
+    }
+}
+
+/// The pinned host-memory pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Total pinned memory; the node's main memory cost.
+    pub size: Size,
+    /// Largest single stored block (a page holds every layer of one KV block).
+    pub max_page_size: Size,
+    /// Alignment of every page, so DMA and direct I/O see aligned buffers.
+    pub page_align: Size,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size: Size::gib(1),
+            max_page_size: Size::mib(64),
+            page_align: Size::kib(4),
+        }
+    }
+}
+
+/// Which copy engine moves bytes between engine GPU memory and the pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DmaEngine {
+    /// CUDA when a GPU and driver are present, the host engine otherwise.
+    #[default]
+    Auto,
+    /// Shared-memory copies done by the connector: CPU engines and CI.
+    Host,
+    /// CUDA copy engine; start fails if CUDA is unavailable.
+    Cuda,
+}
+
+/// The DMA section.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmaConfig {
+    /// Engine choice; `auto` suits almost everyone.
+    pub engine: DmaEngine,
+}
+
+/// The local SSD tier that pages spill to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsdConfig {
+    /// Directory of segment files; `None` turns the SSD tier off.
+    pub dir: Option<PathBuf>,
+    /// Capacity the tier may use in `dir`.
+    pub size: Size,
+}
+
+/// Gossip membership and peer-to-peer block fetches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FabricConfig {
+    /// Off by default: a single node needs no fabric.
+    pub enabled: bool,
+    /// Nodes gossip only with nodes of the same cluster id.
+    pub cluster_id: String,
+    /// Stable name of this node; generated at start when unset.
+    pub node_id: Option<String>,
+    /// Gossip and link listen address.
+    pub listen: SocketAddr,
+    /// Address peers should dial when it differs from `listen` (NAT, 0.0.0.0).
+    pub advertise: Option<SocketAddr>,
+    /// Addresses of nodes to join through.
+    pub seeds: Vec<String>,
+    /// Locality label; peers in the same zone are preferred.
+    pub zone: String,
+    /// Shared secret links authenticate with; required when enabled.
+    pub secret: Option<String>,
+    /// How often gossip rounds run.
+    pub gossip_interval_ms: u64,
+    /// Silence after which a peer is considered dead.
+    pub failure_timeout_ms: u64,
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        FabricConfig {
+            enabled: false,
+            cluster_id: "pegaflow".to_owned(),
+            node_id: None,
+            listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9096)),
+            advertise: None,
+            seeds: Vec::new(),
+            zone: String::new(),
+            secret: None,
+            gossip_interval_ms: 500,
+            failure_timeout_ms: 5000,
+        }
+    }
+}
+
+/// OpenTelemetry export.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// Collector URL; `None` turns export off.
+    pub endpoint: Option<String>,
+    /// Metric export period.
+    pub interval_ms: u64,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        OtlpConfig {
+            endpoint: None,
+            interval_ms: 10_000,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A level (`info`) or a tracing filter directive (`pegaflow=debug,info`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+        }
+    }
+}
