@@ -1,0 +1,32 @@
+//! PegaFlow copy engines: moving KV-cache bytes between an inference engine and the node's pool.
+//!
+//! The node keeps KV blocks in one pool [`Arena`] and copies bytes between an engine's KV region
+//! and arena pages, one layer at a time, as a batch of scattered contiguous copies ([`CopyOp`]).
+//! The transfer actors are generic over the [`DmaEngine`] trait, which has two implementations:
+//!
+//! - [`HostDmaEngine`] (here): the region is a POSIX shared-memory file the connector created under
+//!   `/dev/shm`, copies are `memcpy`. For machines without a GPU (CI, vLLM CPU).
+//! - the CUDA engine (a later issue): the region is engine GPU memory opened by CUDA IPC, and a
+//!   layer's batch is one gather/scatter kernel on the node's stream. It implements the same trait,
+//!   so nothing above this crate changes.
+//!
+//! Modules hold one concept each: [`arena`](Arena) (pool memory), `region` (what a region is and
+//! how a shared-memory one is opened), `engine` (the trait and its op types), `host` (the host
+//! engine), `error`.
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+compile_error!(
+    "pegaflow-gpu-dma supports 64-bit Linux only (memfd, /dev/shm, u64 offsets as usize)"
+);
+
+mod arena;
+mod engine;
+mod error;
+mod host;
+mod region;
+
+pub use arena::Arena;
+pub use engine::{CopyOp, Direction, DmaEngine};
+pub use error::DmaError;
+pub use host::HostDmaEngine;
+pub use region::{HostRegion, RegionSource};
