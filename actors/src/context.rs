@@ -1,0 +1,100 @@
+//! What every session needs from the node: the shared actors, metrics and limits.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ractor::{ActorRef, RpcReplyPort};
+
+use crate::metrics::Metrics;
+use crate::pool::{PoolMsg, PoolStats};
+use crate::protocol::{ErrorCode, ProtoError};
+use crate::stats::NodeStats;
+use crate::transfer::TransferMsg;
+
+/// Shared, read-mostly node facts handed to each session and the HTTP server.
+pub struct NodeContext {
+    pub pool: ActorRef<PoolMsg>,
+    pub transfer: ActorRef<TransferMsg>,
+    pub metrics: Arc<Metrics>,
+    /// Name of the copy engine in use, reported by `hello` and stats.
+    pub dma: &'static str,
+    pub max_frame_bytes: u64,
+    pub max_page_bytes: u64,
+    pub started: Instant,
+    draining: AtomicBool,
+}
+
+impl NodeContext {
+    /// Bundles the node's shared handles.
+    pub fn new(
+        pool: ActorRef<PoolMsg>,
+        transfer: ActorRef<TransferMsg>,
+        metrics: Arc<Metrics>,
+        dma: &'static str,
+        max_frame_bytes: u64,
+        max_page_bytes: u64,
+    ) -> Self {
+        Self {
+            pool,
+            transfer,
+            metrics,
+            dma,
+            max_frame_bytes,
+            max_page_bytes,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Stops new work during a graceful shutdown.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Refuses new work once the node drains.
+    pub fn check_open(&self) -> Result<(), ProtoError> {
+        if self.draining.load(Ordering::SeqCst) {
+            Err(ProtoError::new(
+                ErrorCode::ShuttingDown,
+                "the node is shutting down",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The stats document, asking the pool for its occupancy.
+    pub async fn stats(&self) -> Result<NodeStats, ProtoError> {
+        let pool: PoolStats = ask(&self.pool, "pool", |reply| PoolMsg::Stats { reply }).await?;
+        Ok(NodeStats::collect(
+            &self.metrics,
+            pool,
+            self.dma,
+            self.started.elapsed().as_secs(),
+        ))
+    }
+}
+
+/// Calls an actor, turning a dead or silent actor into an `internal` error reply.
+pub async fn ask<M, T>(
+    actor: &ActorRef<M>,
+    name: &str,
+    build: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> Result<T, ProtoError>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    match actor.call(build, None).await {
+        Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
+        Ok(_) => Err(ProtoError::new(
+            ErrorCode::Internal,
+            format!("the {name} actor did not answer"),
+        )),
+        Err(_) => Err(ProtoError::new(
+            ErrorCode::Internal,
+            format!("the {name} actor is not running"),
+        )),
+    }
+}

@@ -1,0 +1,59 @@
+//! HTTP for operators: `/healthz`, `/metrics` (Prometheus text) and `/api/stats` (JSON).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::task::JoinHandle;
+
+use crate::context::NodeContext;
+use crate::node::StartError;
+
+/// Binds `addr` and serves until the returned task is aborted.
+pub async fn serve(
+    addr: SocketAddr,
+    ctx: Arc<NodeContext>,
+) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
+    let http_error = |source| StartError::Http { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(http_error)?;
+    let bound = listener.local_addr().map_err(http_error)?;
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/stats", get(stats))
+        .with_state(ctx);
+    let task = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "HTTP server stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(ctx): State<Arc<NodeContext>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        ctx.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn stats(State(ctx): State<Arc<NodeContext>>) -> Response {
+    match ctx.stats().await {
+        Ok(stats) => Json(stats).into_response(),
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, error.message).into_response(),
+    }
+}

@@ -1,0 +1,18 @@
+//! The PegaFlow node: ractor actors that keep engines' KV blocks in a shared pool and move
+//! them between the pool and engines' KV memory (DESIGN.md §5), the connector socket
+//! protocol (§7), and the HTTP endpoints for operators (§8).
+//!
+//! `pegaflow-node` (src/main.rs) only parses its config and runs [`node::Node`].
+
+pub mod client;
+pub mod context;
+pub mod http;
+pub mod keys;
+pub mod layout;
+pub mod metrics;
+pub mod node;
+pub mod pool;
+pub mod protocol;
+pub mod session;
+pub mod stats;
+pub mod transfer;

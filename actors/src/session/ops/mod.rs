@@ -1,0 +1,69 @@
+//! One file per op, each turning a typed request into a reply body (docs/protocol.md).
+
+pub mod hello;
+pub mod load;
+pub mod lookup;
+pub mod register;
+pub mod release;
+pub mod save;
+pub mod stats;
+
+use std::sync::Arc;
+
+use super::{Engine, SessionState};
+use crate::context::NodeContext;
+use crate::keys::{split_keys, BlockKey, KEY_BYTES};
+use crate::protocol::{BlocksRequest, ErrorCode, ProtoError};
+
+/// Splits a `keys` field, naming the field when its length is not whole keys.
+pub fn parse_keys(raw: &[u8]) -> Result<Vec<BlockKey>, ProtoError> {
+    split_keys(raw).ok_or_else(|| {
+        ProtoError::new(
+            ErrorCode::BadKey,
+            format!(
+                "field `keys`: {} bytes is not a multiple of the {KEY_BYTES}-byte key length",
+                raw.len()
+            ),
+        )
+    })
+}
+
+/// A validated `save` or `load`, ready to run off the session's message loop.
+pub struct BlocksJob {
+    pub ctx: Arc<NodeContext>,
+    pub engine: Arc<Engine>,
+    pub keys: Vec<BlockKey>,
+    pub block_ids: Vec<u32>,
+}
+
+/// The checks `save` and `load` share, run in order with the session's other ops: a
+/// registered engine, whole keys, one block id per key, every block id inside the region.
+pub fn prepare_blocks(state: &SessionState, req: BlocksRequest) -> Result<BlocksJob, ProtoError> {
+    let engine = state.engines.get(&req.engine).cloned().ok_or_else(|| {
+        ProtoError::new(
+            ErrorCode::NotRegistered,
+            format!(
+                "field `engine`: engine {} is not registered on this connection",
+                req.engine
+            ),
+        )
+    })?;
+    let keys = parse_keys(&req.keys)?;
+    if keys.len() != req.block_ids.len() {
+        return Err(ProtoError::new(
+            ErrorCode::BadKey,
+            format!(
+                "field `keys`: {} keys for {} block_ids; expected one key per block id",
+                keys.len(),
+                req.block_ids.len()
+            ),
+        ));
+    }
+    engine.layout.check_blocks(&req.block_ids)?;
+    Ok(BlocksJob {
+        ctx: state.ctx.clone(),
+        engine,
+        keys,
+        block_ids: req.block_ids,
+    })
+}
