@@ -181,8 +181,22 @@ impl RunningNode {
     }
 }
 
-/// Starts every actor, the socket listener and the HTTP server.
+/// Starts every actor, the socket listener and the HTTP server. The socket is claimed first,
+/// so a second node on the same path fails before allocating anything, and released again if
+/// a later step fails.
 pub async fn start(config: &NodeConfig) -> Result<RunningNode, StartError> {
+    let listener = bind_socket(&config.socket.path)?;
+    let started = start_serving(config, listener).await;
+    if started.is_err() {
+        let _ = std::fs::remove_file(&config.socket.path);
+    }
+    started
+}
+
+async fn start_serving(
+    config: &NodeConfig,
+    listener: UnixListener,
+) -> Result<RunningNode, StartError> {
     let metrics = Arc::new(Metrics::new()?);
     let pool_bytes = config.pool.size.0;
     let arena =
@@ -195,12 +209,12 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, StartError> {
     let engine = choose_engine(config, arena.clone())?;
     let dma = pegaflow_gpu_dma::DmaEngine::name(&engine);
     let pool_state = PoolState::new(arena.len(), config.pool.page_align.0, metrics.clone());
-    let (pool, _) = Actor::spawn(Some("pool".into()), PoolActor, pool_state)
+    let (pool, _) = Actor::spawn(None, PoolActor, pool_state)
         .await
         .map_err(|e| StartError::Spawn("pool", e.to_string()))?;
     let transfer_state = TransferState::new(engine, arena, metrics.clone());
     let (transfer, _) = Actor::spawn(
-        Some("transfer".into()),
+        None,
         TransferActor::<HostDmaEngine>::default(),
         transfer_state,
     )
@@ -214,8 +228,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, StartError> {
         config.socket.max_frame.0,
         config.pool.max_page_size.0,
     ));
-    let listener = bind_socket(&config.socket.path)?;
-    let (supervisor, _) = Actor::spawn(Some("node".into()), Supervisor, ctx.clone())
+    let (supervisor, _) = Actor::spawn(None, Supervisor, ctx.clone())
         .await
         .map_err(|e| StartError::Spawn("node", e.to_string()))?;
     let accept = tokio::spawn(accept_loop(listener, supervisor.clone()));

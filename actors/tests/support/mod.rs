@@ -1,0 +1,115 @@
+//! Shared test scaffolding: an in-process node on a temp socket and a shared-memory KV region.
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+
+use memmap2::MmapMut;
+use pegaflow_actors::keys::NamespaceFields;
+use pegaflow_actors::node::{start, RunningNode};
+use pegaflow_actors::protocol::{RegionSpec, RegisterRequest};
+use pegaflow_config::{NodeConfig, Size};
+use rand::RngCore;
+
+/// A node on a fresh socket with a `pool_mib` MiB pool; its temp dir lives as long as it.
+pub async fn node(pool_mib: u64) -> (RunningNode, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = NodeConfig::default();
+    config.socket.path = dir.path().join("node.sock");
+    config.http.addr = "127.0.0.1:0".parse().expect("addr");
+    config.pool.size = Size::mib(pool_mib);
+    config.pool.max_page_size = Size::mib(pool_mib.min(64));
+    (start(&config).await.expect("node starts"), dir)
+}
+
+/// An engine's KV memory in /dev/shm, laid out `vllm_lbnhc` or `kv_split`; unlinked on drop.
+pub struct ShmRegion {
+    pub name: String,
+    pub map: MmapMut,
+    pub layers: u32,
+    pub blocks: u32,
+    pub segments: u64,
+    pub segment_bytes: u64,
+    pub namespace: NamespaceFields,
+}
+
+impl ShmRegion {
+    pub fn new(tag: &str, layout: &str, layers: u32, blocks: u32) -> Self {
+        let namespace = NamespaceFields {
+            model: format!("test-model-{tag}"),
+            dtype: "bf16".into(),
+            layout: layout.into(),
+            block_size: 16,
+            num_layers: layers,
+            num_kv_heads: 2,
+            head_dim: 32,
+            tp_rank: 0,
+            tp_size: 1,
+            pp_stage: 0,
+        };
+        let segments = if layout == "kv_split" { 2 } else { 1 };
+        let segment_bytes = 16 * 2 * 32 * 2 * 2 / segments;
+        let name = format!("pegaflow-test-{}-{tag}", std::process::id());
+        let path = PathBuf::from("/dev/shm").join(&name);
+        let bytes = u64::from(layers) * u64::from(blocks) * segments * segment_bytes;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create shm");
+        file.set_len(bytes).expect("size shm");
+        // SAFETY: the file is ours, sized above, and outlives the mapping.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.expect("map shm");
+        rand::rng().fill_bytes(&mut map);
+        Self {
+            name,
+            map,
+            layers,
+            blocks,
+            segments,
+            segment_bytes,
+            namespace,
+        }
+    }
+
+    /// The `register` request describing this region.
+    pub fn register_request(&self) -> RegisterRequest {
+        let plane = u64::from(self.blocks) * self.segment_bytes;
+        RegisterRequest {
+            namespace: self.namespace.clone(),
+            region: RegionSpec {
+                shm: self.name.clone(),
+                bytes: self.map.len() as u64,
+            },
+            num_blocks: self.blocks,
+            segment_bytes: self.segment_bytes,
+            layers: (0..u64::from(self.layers))
+                .map(|l| {
+                    (0..self.segments)
+                        .map(|s| ((l * self.segments + s) * plane, self.segment_bytes))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// Every byte of one block, layer by layer, segment by segment.
+    pub fn block(&self, block: u32) -> Vec<u8> {
+        let req = self.register_request();
+        let mut out = Vec::new();
+        for segments in &req.layers {
+            for &(offset, stride) in segments {
+                let start = (offset + u64::from(block) * stride) as usize;
+                out.extend_from_slice(&self.map[start..start + self.segment_bytes as usize]);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for ShmRegion {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(PathBuf::from("/dev/shm").join(&self.name));
+    }
+}
