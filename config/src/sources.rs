@@ -21,6 +21,11 @@ use crate::origin::Origin;
 /// The variable naming the config file when `--config` is absent; not itself a config key.
 const CONFIG_ENV: &str = "PEGAFLOW_CONFIG";
 
+/// Variables of PegaFlow's own tools (test harnesses, the connector) that share the prefix but
+/// configure something other than the node, so a node started from their environment runs.
+/// Every other `PEGAFLOW_*` variable must be a config key: a typo is an error, not ignored.
+pub(crate) const TOOLING_ENV: [&str; 2] = ["PEGAFLOW_NODE_BIN", "PEGAFLOW_SKIP_VLLM"];
+
 /// One value set by an environment variable or a flag.
 struct Override {
     key: &'static Key,
@@ -64,7 +69,7 @@ impl Sources {
             .transpose()?;
         let env = env
             .into_iter()
-            .filter(|(name, _)| name != CONFIG_ENV)
+            .filter(|(name, _)| name != CONFIG_ENV && !TOOLING_ENV.contains(&name.as_str()))
             .map(|(name, text)| env_override(name, text))
             .collect::<Result<Vec<_>, _>>()?;
         let flags = args

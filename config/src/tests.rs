@@ -454,8 +454,13 @@ fn unknown_keys_are_errors() {
         "{error}"
     );
 
-    // Variables outside the prefix and PEGAFLOW_CONFIG itself are not config keys.
-    let vars = env(&[("PATH", "/bin"), ("PEGAFLOWX", "1")]);
+    // Variables outside the prefix, PEGAFLOW_CONFIG itself and the tools' own are not config keys.
+    let vars = env(&[
+        ("PATH", "/bin"),
+        ("PEGAFLOWX", "1"),
+        ("PEGAFLOW_NODE_BIN", "/opt/pegaflow-node"),
+        ("PEGAFLOW_SKIP_VLLM", "1"),
+    ]);
     assert!(load_from(&ConfigArgs::default(), vars).is_ok());
 }
 
