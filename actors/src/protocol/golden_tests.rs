@@ -129,6 +129,16 @@ fn bad_requests_name_the_problem() {
     let err = decode_request(&trailing).expect_err("trailing");
     assert_eq!(err.error.code, ErrorCode::BadFrame);
 
-    let err = decode_request(&encode(rmpv::Value::Array(vec![]))).expect_err("not a map");
-    assert_eq!(err.error.code, ErrorCode::BadFrame);
+    let positional = rmpv::Value::Array(vec![1.into(), 9.into(), "stats".into()]);
+    for not_a_map in [rmpv::Value::Array(vec![]), positional, 5.into()] {
+        let err = decode_request(&encode(not_a_map)).expect_err("not a map");
+        assert_eq!(err.error.code, ErrorCode::BadFrame);
+        assert_eq!(err.id, None);
+    }
+
+    let mut keys_as_str = base();
+    keys_as_str.extend([("op", "lookup".into()), ("keys", "x".repeat(32).into())]);
+    let err = decode_request(&encode(map(keys_as_str))).expect_err("str keys");
+    assert_eq!(err.error.code, ErrorCode::BadField);
+    assert!(err.error.message.contains("keys"), "{}", err.error.message);
 }

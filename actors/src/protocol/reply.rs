@@ -21,7 +21,7 @@ pub struct HelloReply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterReply {
     pub engine: u32,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "super::bin")]
     pub namespace: Vec<u8>,
     pub page_bytes: u64,
 }

@@ -37,7 +37,7 @@ pub struct RegisterRequest {
 /// `lookup`: how long a prefix of these keys the node holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LookupRequest {
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "super::bin")]
     pub keys: Vec<u8>,
     #[serde(default)]
     pub lease: bool,
@@ -47,7 +47,7 @@ pub struct LookupRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlocksRequest {
     pub engine: u32,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "super::bin")]
     pub keys: Vec<u8>,
     pub block_ids: Vec<u32>,
 }
@@ -155,6 +155,13 @@ pub fn decode_request(payload: &[u8]) -> Result<(u64, Request), RejectedRequest>
 /// Decodes a whole payload as one map into `T`, naming the field path on a type error and
 /// refusing trailing bytes.
 pub(crate) fn decode_map<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError> {
+    // Structs also decode from msgpack arrays (positionally); the wire only allows maps.
+    if !matches!(payload.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return Err(ProtoError::new(
+            ErrorCode::BadFrame,
+            "payload is not a msgpack map",
+        ));
+    }
     let mut deserializer = rmp_serde::Deserializer::new(std::io::Cursor::new(payload));
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();
