@@ -342,6 +342,7 @@ struct CopyReport {
     memcpy_contiguous: Bandwidth,
     memcpy_scattered_save: Bandwidth,
     memcpy_scattered_load: Bandwidth,
+    crc32c: Bandwidth,
     /// Mean-over-mean ratios.
     save_vs_memcpy: f64,
     load_vs_memcpy: f64,
@@ -415,6 +416,7 @@ async fn copy_bench(
         memcpy_contiguous: baselines.contiguous,
         memcpy_scattered_save: baselines.scattered_save,
         memcpy_scattered_load: baselines.scattered_load,
+        crc32c: baselines.crc32c,
         verified_loads: load_times.len() as u32,
     })
 }
@@ -493,6 +495,8 @@ struct Baselines {
     contiguous: Bandwidth,
     scattered_save: Bandwidth,
     scattered_load: Bandwidth,
+    /// crc32c over the batch: the node checksums every saved page after copying it.
+    crc32c: Bandwidth,
 }
 
 impl Baselines {
@@ -502,18 +506,21 @@ impl Baselines {
         let len = usize::try_from(bytes).context("batch does not fit in memory")?;
         let mut buffer = PageBuffer::new(len)?;
         let pages = buffer.as_mut_slice();
-        let (mut contiguous, mut save, mut load) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut contiguous, mut save, mut load, mut crc) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // One untimed round of each warms the TLB and page tables like the node's warm-up.
         for round in 0..=iters {
             let times = [
                 time(|| copy_contiguous(region, pages)),
                 time(|| copy_scattered(shape, region, pages, blocks, true)),
                 time(|| copy_scattered(shape, region, pages, blocks, false)),
+                time(|| checksum_pages(shape, pages)),
             ];
             if round > 0 {
                 contiguous.push(times[0]);
                 save.push(times[1]);
                 load.push(times[2]);
+                crc.push(times[3]);
             }
         }
         std::hint::black_box(&*pages);
@@ -521,6 +528,7 @@ impl Baselines {
             contiguous: Bandwidth::from_times(bytes, &contiguous),
             scattered_save: Bandwidth::from_times(bytes, &save),
             scattered_load: Bandwidth::from_times(bytes, &load),
+            crc32c: Bandwidth::from_times(bytes, &crc),
         })
     }
 }
@@ -537,6 +545,13 @@ fn copy_contiguous(region: &ShmRegion, pages: &mut [u8]) {
     let src = region.bytes(0, pages.len());
     // SAFETY: both spans are `pages.len()` bytes of distinct live mappings.
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), pages.as_mut_ptr(), pages.len()) };
+}
+
+/// crc32c of each page, as the node does after a save's copies.
+fn checksum_pages(shape: &Shape, pages: &[u8]) {
+    for page in pages.chunks(shape.page_bytes as usize) {
+        std::hint::black_box(crc32c::crc32c(page));
+    }
 }
 
 /// The node's copy pattern done by hand: per layer, one segment per block, between the
@@ -811,6 +826,7 @@ impl Report {
         line("memcpy contiguous, 1 thread", &c.memcpy_contiguous);
         line("memcpy scattered save, 1 thread", &c.memcpy_scattered_save);
         line("memcpy scattered load, 1 thread", &c.memcpy_scattered_load);
+        line("crc32c of the pages, 1 thread", &c.crc32c);
         println!(
             "  cold save (first touch of pool pages): {:.2} GB/s",
             c.cold_save_gbps
