@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use lru::LruCache;
 
 use super::allocator::Extent;
-use crate::keys::BlockKey;
+use crate::keys::{BlockKey, KeyHash};
 
 /// A stored block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,16 +22,16 @@ pub struct PageEntry {
 
 /// Key -> page, with LRU order over the evictable pages.
 pub struct PageIndex {
-    entries: HashMap<BlockKey, PageEntry>,
-    evictable: LruCache<BlockKey, ()>,
+    entries: HashMap<BlockKey, PageEntry, KeyHash>,
+    evictable: LruCache<BlockKey, (), KeyHash>,
     leased_bytes: u64,
 }
 
 impl Default for PageIndex {
     fn default() -> Self {
         Self {
-            entries: HashMap::new(),
-            evictable: LruCache::unbounded(),
+            entries: HashMap::default(),
+            evictable: LruCache::unbounded_with_hasher(KeyHash::default()),
             leased_bytes: 0,
         }
     }
