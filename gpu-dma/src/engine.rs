@@ -50,10 +50,40 @@ pub trait DmaEngine: Send + Sync + 'static {
     /// Every op is bounds-checked against both the region and the arena before any byte moves, so
     /// a bad op list copies nothing and returns [`DmaError::OutOfBounds`] naming the side at fault.
     /// Ops whose destinations overlap leave those bytes unspecified.
+    ///
+    /// An engine may only enqueue the copies (the CUDA engine launches them on the direction's
+    /// stream and returns); the bytes are in place once [`DmaEngine::finish`] returns. Callers must
+    /// call `finish` before reading saved arena pages (checksums) or acknowledging a load. `ops`
+    /// may be dropped as soon as this returns.
     fn copy_layer(
         &self,
         region: &Self::Region,
         direction: Direction,
         ops: &[CopyOp],
     ) -> Result<(), DmaError>;
+
+    /// Waits until every copy enqueued by [`DmaEngine::copy_layer`] in `direction` has landed.
+    ///
+    /// The default is for engines whose `copy_layer` is synchronous (the host engine).
+    fn finish(&self, region: &Self::Region, direction: Direction) -> Result<(), DmaError> {
+        let _ = (region, direction);
+        Ok(())
+    }
+
+    /// Marks the end of one layer of a load: the CUDA engine records interprocess event `slot` of
+    /// the region's event ring on the load stream, so the engine's stream can wait on it GPU-side.
+    ///
+    /// The default does nothing: without a GPU there is no stream to signal, and the host engine's
+    /// copies are complete when `copy_layer` returns.
+    fn record_layer_event(&self, region: &Self::Region, slot: u32) -> Result<(), DmaError> {
+        let _ = (region, slot);
+        Ok(())
+    }
+
+    /// The interprocess event handles (`cuIpcGetEventHandle`) of the region's event ring, slot by
+    /// slot, for the connector to open; empty for engines without events.
+    fn layer_event_handles(&self, region: &Self::Region) -> Vec<[u8; 64]> {
+        let _ = region;
+        Vec::new()
+    }
 }

@@ -81,6 +81,31 @@ pub enum DmaError {
         limit: u64,
     },
 
+    /// This engine cannot open this kind of region (a CUDA IPC region on the host engine, or a
+    /// shared-memory region on the CUDA engine): the connector registered with the wrong engine.
+    #[error(
+        "the {engine} copy engine cannot open a {kind} region; the node runs the {engine} engine"
+    )]
+    UnsupportedRegion {
+        /// The engine's name (`"host"`, `"cuda"`).
+        engine: &'static str,
+        /// The region kind that was asked for.
+        kind: &'static str,
+    },
+
+    /// No usable CUDA driver or device: the reason is meant for the node's start-up log.
+    #[error("CUDA unavailable: {0}")]
+    CudaUnavailable(String),
+
+    /// A CUDA driver call failed; `op` names the call and what it was for.
+    #[error("CUDA {op} failed: {message}")]
+    Cuda {
+        /// The driver call and its purpose, e.g. `"cuIpcOpenMemHandle (open engine region)"`.
+        op: String,
+        /// The driver's error name and description.
+        message: String,
+    },
+
     /// The pool arena could not be created (memfd, size, or mapping failed).
     #[error("cannot create the {len}-byte pool arena {name:?}: {source}")]
     Arena {

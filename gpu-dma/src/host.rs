@@ -97,6 +97,10 @@ impl DmaEngine for HostDmaEngine {
             RegionSource::SharedMemory { name, bytes } => {
                 HostRegion::open(&self.shm_root, name, *bytes)
             }
+            RegionSource::CudaIpc { .. } => Err(DmaError::UnsupportedRegion {
+                engine: "host",
+                kind: source.kind(),
+            }),
         }
     }
 
@@ -164,6 +168,24 @@ mod tests {
         assert_eq!(split_run(&ops, 1), 1);
         assert_eq!(split_run(&ops, 1000), 8);
         assert_eq!(split_run(&[op(100), op(1)], 50), 1);
+    }
+
+    #[test]
+    fn cuda_regions_are_refused() {
+        let arena = Arc::new(Arena::new(4096, "test-arena").unwrap());
+        let engine = HostDmaEngine::new(arena);
+        let err = engine
+            .open_region(&RegionSource::CudaIpc {
+                handle: [0; 64],
+                offset: 0,
+                bytes: 4096,
+                device: 0,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, DmaError::UnsupportedRegion { engine: "host", .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,13 +6,13 @@
 //!
 //! - [`HostDmaEngine`] (here): the region is a POSIX shared-memory file the connector created under
 //!   `/dev/shm`, copies are `memcpy`. For machines without a GPU (CI, vLLM CPU).
-//! - the CUDA engine (a later issue): the region is engine GPU memory opened by CUDA IPC, and a
-//!   layer's batch is one gather/scatter kernel on the node's stream. It implements the same trait,
-//!   so nothing above this crate changes.
+//! - [`CudaDmaEngine`]: the region is engine GPU memory opened by CUDA IPC, the arena is pinned
+//!   and mapped for the GPU, and a layer's batch is one gather/scatter kernel launch on the
+//!   direction's stream. Loaded at run time; without a driver `new` says why.
 //!
 //! Modules hold one concept each: [`arena`](Arena) (pool memory), `region` (what a region is and
 //! how a shared-memory one is opened), `engine` (the trait and its op types), `host` (the host
-//! engine), `error`.
+//! engine), `cuda` (the CUDA engine, itself split by concept), `error`.
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!(
@@ -20,12 +20,17 @@ compile_error!(
 );
 
 mod arena;
+mod cuda;
 mod engine;
 mod error;
 mod host;
 mod region;
 
 pub use arena::Arena;
+pub use cuda::{
+    CopyPath, CudaDmaEngine, CudaRegion, EventRing, KernelConfig, PinProgress, EVENT_RING_SLOTS,
+    PIN_CHUNK_BYTES,
+};
 pub use engine::{CopyOp, Direction, DmaEngine};
 pub use error::DmaError;
 pub use host::HostDmaEngine;

@@ -27,6 +27,34 @@ pub enum RegionSource {
         /// How many bytes of the object the engine uses; the file may be larger.
         bytes: u64,
     },
+    /// GPU memory of the engine process exported with CUDA IPC (`cudaIpcGetMemHandle`).
+    ///
+    /// The handle names a whole `cudaMalloc` block, while the engine's KV tensor may start inside
+    /// it: torch's caching allocator carves tensors out of larger segments, and
+    /// `untyped_storage()._share_cuda_()` returns the storage's byte offset inside the block next to
+    /// the handle. The region is `[offset, offset + bytes)` of the opened block. torch prefixes the
+    /// 64 handle bytes with a version byte and a type byte (`'c'` for a cudaMalloc block); the
+    /// connector strips those two and sends the raw `cudaIpcMemHandle_t`.
+    CudaIpc {
+        /// The raw `cudaIpcMemHandle_t` of the allocation holding the tensor.
+        handle: [u8; 64],
+        /// The storage's byte offset inside that allocation.
+        offset: u64,
+        /// The region's size in bytes (the storage's `nbytes()`).
+        bytes: u64,
+        /// The CUDA device ordinal the memory lives on, as the engine process numbers it.
+        device: u32,
+    },
+}
+
+impl RegionSource {
+    /// A short name of the region kind, for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegionSource::SharedMemory { .. } => "shared-memory",
+            RegionSource::CudaIpc { .. } => "CUDA IPC",
+        }
+    }
 }
 
 /// An engine's shared-memory KV region, mapped read-write into the node.

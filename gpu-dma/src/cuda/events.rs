@@ -1,0 +1,201 @@
+//! Per-layer completion events of a load: interprocess CUDA events in a ring per region.
+//!
+//! When the node has copied layer `L` of a load into the engine's KV tensor it records an event on
+//! the load stream; the engine's stream waits on it (`cudaStreamWaitEvent`, GPU-side) before layer
+//! `L`'s attention, so compute on layer `L` overlaps the copy of layer `L + 1` and no CPU thread in
+//! the engine blocks. The events are created once, when the region is registered, with
+//! `CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING`, and their `cuIpcGetEventHandle` handles go
+//! to the connector, which opens each once.
+//!
+//! Which slots a load uses is decided by an [`EventRing`], plain CPU bookkeeping the session keeps
+//! per registered engine: a load of `n` layers reserves `n` consecutive slots (wrapping) and
+//! releases them when the connector confirms its stream has issued the waits. A slot is never
+//! handed out twice while reserved, because `cudaStreamWaitEvent` waits for the most recent record
+//! at the time of the wait call: re-recording a slot before the engine issued its wait would make
+//! it wait for the wrong copy.
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaContext};
+
+use crate::cuda::driver::{bind, check};
+use crate::error::DmaError;
+
+/// Events per registered region: two loads of a 128-layer model, or eight of a 32-layer one.
+pub const EVENT_RING_SLOTS: u32 = 256;
+
+/// Hands out ranges of event slots for loads and takes them back; see the module docs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRing {
+    slots: u32,
+    next: u32,
+    /// Reserved ranges as `(first slot, count)`, oldest first.
+    reserved: std::collections::VecDeque<(u32, u32)>,
+}
+
+impl EventRing {
+    /// A ring over `slots` events (the length of the region's event handle list).
+    pub fn new(slots: u32) -> EventRing {
+        EventRing {
+            slots,
+            next: 0,
+            reserved: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Slots currently reserved.
+    pub fn in_use(&self) -> u32 {
+        self.reserved.iter().map(|&(_, n)| n).sum()
+    }
+
+    /// Reserves `layers` consecutive slots (wrapping) for one load and returns the first: layer
+    /// `L`'s event is slot `(first + L) % slots`. `None` if that many are not free now.
+    pub fn reserve(&mut self, layers: u32) -> Option<u32> {
+        if layers == 0 || self.in_use() + layers > self.slots {
+            return None;
+        }
+        let first = self.next;
+        self.next = (first + layers) % self.slots;
+        self.reserved.push_back((first, layers));
+        Some(first)
+    }
+
+    /// Releases the range that [`EventRing::reserve`] returned `first` for. Ranges may be released
+    /// in any order; slots become reusable once every older range is released too, because slots
+    /// are handed out in ring order. Returns false for a range that is not reserved.
+    pub fn release(&mut self, first: u32) -> bool {
+        match self.reserved.iter().position(|&(f, _)| f == first) {
+            Some(i) => {
+                if i == 0 {
+                    self.reserved.pop_front();
+                } else {
+                    // Keep the slots blocked until older ranges go: mark as released in place.
+                    self.reserved[i].0 = u32::MAX;
+                }
+                while self.reserved.front().is_some_and(|&(f, _)| f == u32::MAX) {
+                    self.reserved.pop_front();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The slot of layer `layer` in the range starting at `first`.
+    pub fn slot(&self, first: u32, layer: u32) -> u32 {
+        (first + layer) % self.slots
+    }
+}
+
+/// A region's interprocess events and their IPC handles; destroyed on drop.
+pub(crate) struct LayerEvents {
+    ctx: Arc<CudaContext>,
+    events: Vec<sys::CUevent>,
+    handles: Vec<[u8; 64]>,
+}
+
+// SAFETY: the events are driver handles owned by this value; recording and destroying them is
+// thread-safe once the context is bound, which every user does.
+unsafe impl Send for LayerEvents {}
+// SAFETY: as above; `&LayerEvents` only reads the handle list and passes events to the driver.
+unsafe impl Sync for LayerEvents {}
+
+impl LayerEvents {
+    /// Creates `slots` interprocess events and exports their handles.
+    pub(crate) fn new(ctx: &Arc<CudaContext>, slots: u32) -> Result<LayerEvents, DmaError> {
+        bind(ctx)?;
+        let mut ring = LayerEvents {
+            ctx: ctx.clone(),
+            events: Vec::with_capacity(slots as usize),
+            handles: Vec::with_capacity(slots as usize),
+        };
+        let flags = sys::CUevent_flags::CU_EVENT_INTERPROCESS as u32
+            | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        for _ in 0..slots {
+            let mut event: sys::CUevent = std::ptr::null_mut();
+            // SAFETY: writes one event handle; the event is destroyed in Drop.
+            check(unsafe { sys::cuEventCreate(&mut event, flags) }, || {
+                "cuEventCreate (interprocess layer event)".into()
+            })?;
+            ring.events.push(event);
+            let mut handle = sys::CUipcEventHandle { reserved: [0; 64] };
+            // SAFETY: `event` is a live interprocess event; writes one 64-byte handle.
+            check(
+                unsafe { sys::cuIpcGetEventHandle(&mut handle, event) },
+                || "cuIpcGetEventHandle (layer event)".into(),
+            )?;
+            ring.handles.push(handle.reserved.map(|b| b as u8));
+        }
+        Ok(ring)
+    }
+
+    /// The event of `slot`, or an error naming the ring size.
+    pub(crate) fn event(&self, slot: u32) -> Result<sys::CUevent, DmaError> {
+        self.events
+            .get(slot as usize)
+            .copied()
+            .ok_or(DmaError::OutOfBounds {
+                what: "event ring",
+                offset: u64::from(slot),
+                len: 1,
+                limit: self.events.len() as u64,
+            })
+    }
+
+    /// The exported handles, slot by slot.
+    pub(crate) fn handles(&self) -> &[[u8; 64]] {
+        &self.handles
+    }
+}
+
+impl Drop for LayerEvents {
+    fn drop(&mut self) {
+        if bind(&self.ctx).is_err() {
+            return;
+        }
+        for &event in &self.events {
+            // SAFETY: created in `new`; the region is going away, so nothing records it again.
+            unsafe { sys::cuEventDestroy_v2(event) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_wrap_and_never_overlap() {
+        let mut ring = EventRing::new(10);
+        assert_eq!(ring.reserve(4), Some(0));
+        assert_eq!(ring.reserve(4), Some(4));
+        assert_eq!(ring.reserve(4), None, "only 2 slots are free");
+        assert!(ring.release(0));
+        assert_eq!(ring.reserve(4), Some(8));
+        assert_eq!(ring.slot(8, 0), 8);
+        assert_eq!(ring.slot(8, 3), 1, "wraps around");
+        assert_eq!(ring.in_use(), 8);
+    }
+
+    #[test]
+    fn out_of_order_release_keeps_older_slots_blocked() {
+        let mut ring = EventRing::new(6);
+        assert_eq!(ring.reserve(3), Some(0));
+        assert_eq!(ring.reserve(3), Some(3));
+        assert!(ring.release(3));
+        // Slots 3..6 are released, but handing them out again must wait for slots 0..3:
+        // reservations are accounted for as one contiguous window.
+        assert_eq!(ring.reserve(3), None);
+        assert!(ring.release(0));
+        assert_eq!(ring.in_use(), 0);
+        assert_eq!(ring.reserve(6), Some(0));
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let mut ring = EventRing::new(4);
+        assert_eq!(ring.reserve(0), None);
+        assert_eq!(ring.reserve(5), None);
+        assert!(!ring.release(2));
+    }
+}

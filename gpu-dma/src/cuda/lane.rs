@@ -1,0 +1,292 @@
+//! A copy lane: one direction's CUDA stream and the descriptor slots its launches read.
+//!
+//! Saves and loads each have a lane, so a save and a load run on different streams and overlap
+//! (PCIe is full duplex). A launch reads its descriptors straight from pinned, device-mapped host
+//! memory, so no upload precedes it; the buffer is a ring of slots, and a slot is rewritten only
+//! after the event recorded behind the launch that last read it has completed. The lane's mutex
+//! serialises enqueues from concurrent jobs of the same direction; their copies then run in
+//! enqueue order on the stream.
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::cuda::driver::{bind, check, cuda_err};
+use crate::cuda::kernel::{Desc, Kernel};
+use crate::error::DmaError;
+
+/// Most streams one batched memcpy is spread over; see [`Mover::BatchedMemcpy`].
+pub(crate) const MAX_SPLIT: usize = 4;
+
+/// Descriptor slots per lane: enough for two 32-layer jobs in flight without waiting.
+const SLOTS: usize = 64;
+
+/// Descriptors per slot; a layer with more is split into several launches (4096 x 64 KiB chunks
+/// is 256 MiB, far above one layer of a 10K-token request).
+pub(crate) const SLOT_DESCS: usize = 4096;
+
+/// How a lane moves a batch.
+pub(crate) enum Mover<'a> {
+    /// The gather/scatter kernel.
+    Kernel(&'a Kernel),
+    /// `cuMemcpyBatchAsync` (driver >= 13.0): the copy engines, the batch split over this many
+    /// streams (1..=[`MAX_SPLIT`]) joined back into the lane's stream, so several copy engines
+    /// share the per-copy overhead of small blocks.
+    BatchedMemcpy(usize),
+    /// One `cuMemcpyAsync` per descriptor: the last resort, ~6 GB/s at 16 KiB.
+    PerOpMemcpy,
+}
+
+/// Slot bookkeeping guarded by the lane's mutex.
+struct Slots {
+    next: usize,
+    /// Whether the slot's event was recorded (a launch may still read the slot).
+    recorded: [bool; SLOTS],
+}
+
+/// A direction's stream with its descriptor ring.
+pub(crate) struct Lane {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Extra streams for split batched memcpys, each with the event that joins it back.
+    extra: Vec<(Arc<CudaStream>, sys::CUevent)>,
+    /// `SLOTS * SLOT_DESCS` descriptors of pinned, device-mapped host memory.
+    host: *mut Desc,
+    /// The device address of `host`.
+    device: u64,
+    events: Vec<sys::CUevent>,
+    slots: Mutex<Slots>,
+}
+
+// SAFETY: the raw pointers are a driver allocation and driver events owned by the lane; all
+// mutation of the slot memory happens under `slots`' mutex, and driver handles may be used from
+// any thread once the context is bound (every method binds it).
+unsafe impl Send for Lane {}
+// SAFETY: as above; shared access goes through the mutex or through thread-safe driver calls.
+unsafe impl Sync for Lane {}
+
+impl Lane {
+    /// A new non-blocking stream with its descriptor ring.
+    pub(crate) fn new(ctx: &Arc<CudaContext>) -> Result<Lane, DmaError> {
+        bind(ctx)?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_err("cuStreamCreate", e))?;
+        let bytes = SLOTS * SLOT_DESCS * std::mem::size_of::<Desc>();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: allocates `bytes` of pinned host memory; freed in `Drop`.
+        let host = unsafe { result::malloc_host(bytes, flags) }
+            .map_err(|e| cuda_err("cuMemHostAlloc (descriptor ring)", e))?
+            .cast::<Desc>();
+        let mut lane = Lane {
+            ctx: ctx.clone(),
+            stream,
+            extra: Vec::new(),
+            host,
+            device: 0,
+            events: Vec::with_capacity(SLOTS),
+            slots: Mutex::new(Slots {
+                next: 0,
+                recorded: [false; SLOTS],
+            }),
+        };
+        let mut device: sys::CUdeviceptr = 0;
+        // SAFETY: `host` is a live DEVICEMAP allocation; writes one device pointer.
+        check(
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, host.cast(), 0) },
+            || "cuMemHostGetDevicePointer (descriptor ring)".into(),
+        )?;
+        lane.device = device;
+        for _ in 1..MAX_SPLIT {
+            let extra = ctx
+                .new_stream()
+                .map_err(|e| cuda_err("cuStreamCreate", e))?;
+            let join = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| cuda_err("cuEventCreate (stream join)", e))?;
+            lane.extra.push((extra, join));
+        }
+        for _ in 0..SLOTS {
+            let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| cuda_err("cuEventCreate (descriptor slot)", e))?;
+            lane.events.push(event);
+        }
+        Ok(lane)
+    }
+
+    /// Enqueues the copies of `descs` on the lane's stream with `mover`.
+    ///
+    /// # Safety
+    /// Every descriptor must name device-accessible memory that stays valid until the stream has
+    /// run past these copies (the caller bounds-checked the ops against the region and arena, and
+    /// synchronizes the stream before either goes away).
+    pub(crate) unsafe fn enqueue(&self, descs: &[Desc], mover: &Mover<'_>) -> Result<(), DmaError> {
+        bind(&self.ctx)?;
+        let stream = self.stream.cu_stream();
+        match mover {
+            Mover::Kernel(kernel) => {
+                let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+                for piece in descs.chunks(SLOT_DESCS) {
+                    let slot = slots.next;
+                    slots.next = (slot + 1) % SLOTS;
+                    if slots.recorded[slot] {
+                        // SAFETY: the event is live (destroyed only in Drop).
+                        check(
+                            unsafe { sys::cuEventSynchronize(self.events[slot]) },
+                            || "cuEventSynchronize (descriptor slot)".into(),
+                        )?;
+                    }
+                    // SAFETY: slot `slot` lies inside the ring, and no launch reads it any more
+                    // (its last event completed above, or it was never used).
+                    unsafe {
+                        let dst = self.host.add(slot * SLOT_DESCS);
+                        std::ptr::copy_nonoverlapping(piece.as_ptr(), dst, piece.len());
+                    }
+                    let dptr =
+                        self.device + (slot * SLOT_DESCS * std::mem::size_of::<Desc>()) as u64;
+                    let n = piece.len() as u32;
+                    let cfg = LaunchConfig {
+                        grid_dim: (kernel.grid.min(n).max(1), 1, 1),
+                        block_dim: (kernel.config.threads, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: the kernel takes (const PfDesc*, unsigned int); `dptr` holds `n`
+                    // descriptors just written, and the caller guarantees what they point at.
+                    unsafe {
+                        self.stream
+                            .launch_builder(&kernel.function)
+                            .arg(&dptr)
+                            .arg(&n)
+                            .launch(cfg)
+                    }
+                    .map_err(|e| cuda_err("cuLaunchKernel (copy kernel)", e))?;
+                    // SAFETY: live event and stream.
+                    check(
+                        unsafe { sys::cuEventRecord(self.events[slot], stream) },
+                        || "cuEventRecord (descriptor slot)".into(),
+                    )?;
+                    slots.recorded[slot] = true;
+                }
+                Ok(())
+            }
+            Mover::BatchedMemcpy(split) => {
+                let split = (*split).clamp(1, MAX_SPLIT);
+                let per = descs.len().div_ceil(split).max(1);
+                for (i, part) in descs.chunks(per).enumerate() {
+                    let on = if i == 0 {
+                        stream
+                    } else {
+                        self.extra[i - 1].0.cu_stream()
+                    };
+                    for piece in part.chunks(SLOT_DESCS) {
+                        // SAFETY: forwarded from the caller.
+                        unsafe { batch_memcpy(piece, on) }?;
+                    }
+                    if i > 0 {
+                        let join = self.extra[i - 1].1;
+                        // SAFETY: live event and streams; the lane's stream waits for the part.
+                        check(unsafe { sys::cuEventRecord(join, on) }, || {
+                            "cuEventRecord (join)".into()
+                        })?;
+                        check(unsafe { sys::cuStreamWaitEvent(stream, join, 0) }, || {
+                            "cuStreamWaitEvent (join)".into()
+                        })?;
+                    }
+                }
+                Ok(())
+            }
+            Mover::PerOpMemcpy => {
+                for d in descs {
+                    // SAFETY: addresses are valid per the caller; the copy is stream-ordered.
+                    check(
+                        unsafe { sys::cuMemcpyAsync(d.dst, d.src, d.len as usize, stream) },
+                        || "cuMemcpyAsync".into(),
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Blocks until everything enqueued on the lane has run.
+    pub(crate) fn synchronize(&self) -> Result<(), DmaError> {
+        bind(&self.ctx)?;
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("cuStreamSynchronize (copy lane)", e))
+    }
+
+    /// Records `event` on the lane's stream (a load's per-layer event).
+    pub(crate) fn record(&self, event: sys::CUevent) -> Result<(), DmaError> {
+        bind(&self.ctx)?;
+        // SAFETY: the caller passes a live event of this context; the stream is live.
+        check(
+            unsafe { sys::cuEventRecord(event, self.stream.cu_stream()) },
+            || "cuEventRecord (layer event)".into(),
+        )
+    }
+}
+
+/// One `cuMemcpyBatchAsync` of `piece` on `stream`.
+///
+/// # Safety
+/// As [`Lane::enqueue`].
+unsafe fn batch_memcpy(piece: &[Desc], stream: sys::CUstream) -> Result<(), DmaError> {
+    let mut srcs: Vec<u64> = piece.iter().map(|d| d.src).collect();
+    let mut dsts: Vec<u64> = piece.iter().map(|d| d.dst).collect();
+    let mut sizes: Vec<usize> = piece.iter().map(|d| d.len as usize).collect();
+    let hint = sys::CUmemLocation {
+        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_INVALID,
+        id: 0,
+    };
+    let mut attrs = sys::CUmemcpyAttributes {
+        srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+        srcLocHint: hint,
+        dstLocHint: hint,
+        flags: 0,
+    };
+    let mut attr_idx = 0usize;
+    // SAFETY: the arrays hold `piece.len()` entries and live across the call (the driver reads
+    // them before returning); the addresses are valid per the caller.
+    check(
+        unsafe {
+            sys::cuMemcpyBatchAsync_v2(
+                dsts.as_mut_ptr(),
+                srcs.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                piece.len(),
+                &mut attrs,
+                &mut attr_idx,
+                1,
+                stream,
+            )
+        },
+        || "cuMemcpyBatchAsync".into(),
+    )
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        if bind(&self.ctx).is_err() {
+            return;
+        }
+        if let Err(e) = self.stream.synchronize() {
+            tracing::warn!(error = ?e, "copy lane did not drain before closing");
+        }
+        for (extra, join) in &self.extra {
+            if let Err(e) = extra.synchronize() {
+                tracing::warn!(error = ?e, "copy lane did not drain before closing");
+            }
+            // SAFETY: created in `new`, not used after the stream drained.
+            unsafe { sys::cuEventDestroy_v2(*join) };
+        }
+        for &event in &self.events {
+            // SAFETY: created in `new`, not used after the stream drained.
+            unsafe { sys::cuEventDestroy_v2(event) };
+        }
+        // SAFETY: allocated by `malloc_host` in `new`; the stream no longer reads it.
+        if let Err(e) = unsafe { result::free_host(self.host.cast::<c_void>()) } {
+            tracing::warn!(error = ?e, "cannot free descriptor ring");
+        }
+    }
+}
