@@ -1,0 +1,263 @@
+"""What vLLM's KV tensors look like to the node: layout names, namespaces and the region.
+
+Layouts are read from shapes and strides, never assumed. vLLM hands every layer a logical
+`(num_blocks, num_kv_heads, block_size, 2 * head_dim)` view (K and V packed in the last dim);
+the physical order inside one block decides the namespace's layout name. A block of a layer
+must be one contiguous run of bytes, because the node copies `segment_bytes` per layer per block.
+
+CPU engines: vLLM allocates ordinary tensors, which the node cannot open, so the worker moves
+them into a POSIX shared-memory file and rebinds every tensor in place (`Tensor.set_`), which
+keeps all of vLLM's references valid. GPU engines: the allocation is exported with CUDA IPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ..keys import Namespace
+
+TORCH_DTYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.float8_e4m3fn: "fp8_e4m3",
+    torch.float8_e5m2: "fp8_e5m2",
+}
+# vLLM >= 0.32 resolves one layout per engine (`KVCacheConfig.kv_cache_layout`): the physical
+# axis order of [L, B, H, N, C]. Only orders that keep a (layer, block) page contiguous qualify.
+VLLM_LAYOUTS = {
+    "LBHNC": "vllm_lbhnc",
+    "BLHNC": "vllm_lbhnc",
+    "LBNHC": "vllm_lbnhc",
+    "BLNHC": "vllm_lbnhc",
+}
+
+
+class UnsupportedLayout(ValueError):
+    """The KV cache cannot be described to the node; the connector then stays off."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KvShape:
+    """The facts of one KV cache group that the namespace is made of."""
+
+    dtype: str
+    layout: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def namespace(self, model: str, tp_rank: int, tp_size: int, pp_stage: int) -> Namespace:
+        return Namespace(
+            model,
+            self.dtype,
+            self.layout,
+            self.block_size,
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            tp_rank,
+            tp_size,
+            pp_stage,
+        )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in TORCH_DTYPES:
+        raise UnsupportedLayout(f"KV cache dtype {dtype} is not one of {list(TORCH_DTYPES)}")
+    return TORCH_DTYPES[dtype]
+
+
+def block_layout(tensor: torch.Tensor) -> str:
+    """`vllm_lbhnc` or `vllm_lbnhc` from the strides of a `(B, H, N, C)` layer view."""
+    if tensor.dim() != 4:
+        raise UnsupportedLayout(
+            f"KV tensor has shape {tuple(tensor.shape)}; expected (blocks, heads, tokens, 2*D)"
+        )
+    _, heads, tokens, channels = tensor.shape
+    _, s_head, s_token, s_channel = tensor.stride()
+    if s_channel == 1 and s_token == channels and s_head == tokens * channels:
+        return "vllm_lbhnc"
+    if s_channel == 1 and s_head == channels and s_token == heads * channels:
+        return "vllm_lbnhc"
+    raise UnsupportedLayout(
+        f"KV tensor strides {tensor.stride()} for shape {tuple(tensor.shape)} do not keep one "
+        "block of one layer contiguous"
+    )
+
+
+def shape_of_tensors(tensors: list[torch.Tensor]) -> KvShape:
+    """The KvShape every layer tensor agrees on, from the tensors themselves."""
+    first = tensors[0]
+    layout = block_layout(first)
+    for tensor in tensors[1:]:
+        if tensor.shape != first.shape or tensor.dtype != first.dtype:
+            raise UnsupportedLayout(
+                f"layers differ: {tuple(tensor.shape)} {tensor.dtype} vs "
+                f"{tuple(first.shape)} {first.dtype}"
+            )
+        if block_layout(tensor) != layout:
+            raise UnsupportedLayout("layers use different block layouts")
+    _, heads, tokens, channels = first.shape
+    if channels % 2:
+        raise UnsupportedLayout(f"last dim {channels} is not K and V packed (odd)")
+    return KvShape(dtype_name(first.dtype), layout, tokens, len(tensors), heads, channels // 2)
+
+
+def shape_of_config(kv_cache_config: Any, platform_is_cpu: bool) -> KvShape:
+    """The KvShape the scheduler can know without tensors: from vLLM's KV cache config.
+
+    The worker checks its tensors against this, so a disagreement turns the connector off
+    instead of storing blocks under the wrong namespace.
+    """
+    groups = [g for g in kv_cache_config.kv_cache_groups if getattr(g, "enable_kv_transfer", True)]
+    if len(groups) != 1:
+        raise UnsupportedLayout(
+            f"{len(groups)} KV cache groups (hybrid models) are not supported yet"
+        )
+    spec = groups[0].kv_cache_spec
+    head_v = getattr(spec, "head_size_v", spec.head_size)
+    if type(spec).__name__ != "FullAttentionSpec" or head_v != spec.head_size:
+        raise UnsupportedLayout(f"KV cache spec {type(spec).__name__} is not supported yet")
+    resolved = getattr(kv_cache_config, "kv_cache_layout", None)
+    if resolved is None:  # vLLM before 0.32: CPU is head-major, GPU backends token-major
+        layout = "vllm_lbhnc" if platform_is_cpu else "vllm_lbnhc"
+    elif resolved in VLLM_LAYOUTS:
+        layout = VLLM_LAYOUTS[resolved]
+    else:
+        raise UnsupportedLayout(f"KV cache layout {resolved} splits blocks; not supported")
+    return KvShape(
+        dtype_name(spec.dtype),
+        layout,
+        spec.block_size,
+        len(groups[0].layer_names),
+        spec.num_kv_heads,
+        spec.head_size,
+    )
+
+
+@dataclasses.dataclass
+class Region:
+    """The `register` fields of one engine's KV region, and what keeps it alive."""
+
+    region: dict[str, Any]
+    num_blocks: int
+    segment_bytes: int
+    layers: list[list[list[int]]]
+    device: torch.device
+    close: weakref.finalize | None = None
+
+
+def describe_layers(
+    tensors: list[torch.Tensor], base_ptr: int, segment_bytes: int
+) -> list[list[list[int]]]:
+    """`[[offset, block_stride]]` per layer, relative to the region's first byte."""
+    layers = []
+    for tensor in tensors:
+        stride = tensor.stride(0) * tensor.element_size()
+        if stride < segment_bytes:
+            raise UnsupportedLayout(f"block stride {stride} is below a page of {segment_bytes}")
+        layers.append([[tensor.data_ptr() - base_ptr, stride]])
+    return layers
+
+
+def share_cpu_tensors(
+    tensors: list[torch.Tensor], other_views: Iterable[torch.Tensor], shape: KvShape
+) -> Region:
+    """Moves CPU KV tensors into one shared-memory file and rebinds them in place.
+
+    `other_views` are further tensors vLLM holds on the same buffers (e.g. the attention layers'
+    own views); they are rebound too, so no reader or writer is left on the old memory. Rebinding
+    is all or nothing: a view that would stay behind raises before anything changed.
+    """
+    storages: dict[int, torch.UntypedStorage] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages.setdefault(storage.data_ptr(), storage)
+    views = {id(t): t for t in [*tensors, *other_views]}
+    for view in views.values():
+        if view.untyped_storage().data_ptr() not in storages:
+            raise UnsupportedLayout("a KV view lives outside the registered KV buffers")
+    bases: dict[int, int] = {}
+    total = 0
+    for ptr, storage in storages.items():
+        bases[ptr] = total
+        total += -(-storage.nbytes() // 4096) * 4096
+    name = f"pegaflow-vllm-{os.getpid()}-{secrets.token_hex(4)}"
+    path = f"/dev/shm/{name}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, total)
+    finally:
+        os.close(fd)
+    try:
+        shared = torch.UntypedStorage.from_file(path, shared=True, nbytes=total)
+        for ptr, storage in storages.items():
+            _bytes_of(shared, bases[ptr], storage.nbytes()).copy_(
+                _bytes_of(storage, 0, storage.nbytes())
+            )
+    except BaseException:
+        _unlink(path)
+        raise
+    for view in views.values():
+        old = view.untyped_storage()
+        offset = bases[old.data_ptr()] + view.storage_offset() * view.element_size()
+        view.set_(shared, offset // view.element_size(), view.size(), view.stride())
+    segment = shape.block_size * shape.num_kv_heads * 2 * shape.head_dim
+    segment *= tensors[0].element_size()
+    region = Region(
+        region={"shm": name, "bytes": total},
+        num_blocks=tensors[0].shape[0],
+        segment_bytes=segment,
+        layers=describe_layers(tensors, shared.data_ptr(), segment),
+        device=tensors[0].device,
+    )
+    region.close = weakref.finalize(region, _unlink, path)  # also runs at interpreter exit
+    return region
+
+
+def export_cuda_tensors(tensors: list[torch.Tensor], shape: KvShape) -> Region:
+    """Describes GPU KV tensors as one CUDA IPC region (the node opens the handle itself).
+
+    Not exercised by CI (no GPU there); kept apart so it can be tested on the GPU machine.
+    """
+    storage = tensors[0].untyped_storage()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() for t in tensors):
+        raise UnsupportedLayout("KV layers live in more than one CUDA allocation")
+    device, handle, size, offset, *_ = storage._share_cuda_()
+    segment = shape.block_size * shape.num_kv_heads * 2 * shape.head_dim
+    segment *= tensors[0].element_size()
+    return Region(
+        region={"cuda_ipc": bytes(handle), "offset": offset, "bytes": size, "device": device},
+        num_blocks=tensors[0].shape[0],
+        segment_bytes=segment,
+        layers=describe_layers(tensors, storage.data_ptr(), segment),
+        device=tensors[0].device,
+    )
+
+
+def layer_tensors(kv_caches: Mapping[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    """Layer names and tensors in model order (by layer index), the order pages are stored in."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    names = sorted(kv_caches, key=extract_layer_index)
+    return names, [kv_caches[name] for name in names]
+
+
+def _bytes_of(storage: torch.UntypedStorage, offset: int, nbytes: int) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(storage, offset, (nbytes,), (1,))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,258 @@
+"""Worker half: owns the KV region, keeps each request's key chain, runs loads and saves.
+
+Loads are asynchronous: submitted when the scheduler parks a request, reported finished (with
+any blocks that did not arrive) once the node answered, so vLLM recomputes what is missing.
+Saves finish inside `wait_for_save`, before vLLM may reuse the blocks.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ..client import Client, Engine
+from ..keys import Namespace, chain_keys
+from .config import ConnectorConfig
+from .layout import (
+    KvShape,
+    Region,
+    UnsupportedLayout,
+    export_cuda_tensors,
+    layer_tensors,
+    shape_of_tensors,
+    share_cpu_tensors,
+)
+from .metadata import PegaMetadata, Transfer
+from .node_link import NodeLink, Reply
+
+log = logging.getLogger("pegaflow.connector")
+
+
+@dataclasses.dataclass
+class WorkerStats:
+    loaded_blocks: int = 0
+    load_error_blocks: int = 0
+    saved_blocks: int = 0  # newly stored by the node
+    present_blocks: int = 0  # the node already held them
+    dropped_blocks: int = 0  # the node had no free page
+    save_error_blocks: int = 0
+
+
+@dataclasses.dataclass
+class _Load:
+    future: concurrent.futures.Future[Reply]
+    block_ids: list[int]
+    deadline: float
+    events: list[Any] | None = None  # GPU engines: the node's per-layer copy events
+
+
+class WorkerSide:
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        expected: KvShape,
+        model: str,
+        tp_rank: int,
+        tp_size: int,
+        forward_context: Mapping[str, Any],
+    ) -> None:
+        self.config = config
+        self.expected = expected
+        self.block_size = expected.block_size
+        self.model = model
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.forward_context = forward_context
+        self.namespace: Namespace | None = None
+        self.region: Region | None = None
+        self.engine: Engine | None = None
+        self.link = NodeLink(config, "worker", on_connect=self._register)
+        self.stats = WorkerStats()
+        self._tokens: dict[str, list[int]] = {}
+        self._keys: dict[str, list[bytes]] = {}
+        self._loads: dict[str, _Load] = {}
+        self._done_recving: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._finished: set[str] = set()  # finished requests whose chains wait for their load
+        self._applied: PegaMetadata | None = None
+        self._last_log = time.monotonic()
+
+    # ---- registration ---------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        """Describes (CPU: moves into shared memory) the KV tensors, then registers them."""
+        _, tensors = layer_tensors(kv_caches)
+        try:
+            shape = shape_of_tensors(tensors)
+            if shape != self.expected:
+                raise UnsupportedLayout(
+                    f"KV tensors are {shape}, the scheduler derived {self.expected}"
+                )
+            if tensors[0].is_cuda:
+                self.region = export_cuda_tensors(tensors, shape)
+            else:
+                self.region = share_cpu_tensors(tensors, self._layer_views(), shape)
+        except UnsupportedLayout as exc:
+            log.warning("PegaFlow worker: KV cache not supported (%s); connector off", exc)
+            return
+        self.namespace = shape.namespace(self.model, self.tp_rank, self.tp_size, 0)
+        self.link.client()
+
+    def _layer_views(self) -> Iterable[torch.Tensor]:
+        """Tensors the attention layers hold; they must follow the KV buffer into shared memory."""
+        for layer in self.forward_context.values():
+            cache = getattr(layer, "kv_cache", None)
+            for tensor in cache if isinstance(cache, (list, tuple)) else [cache]:
+                if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
+                    yield tensor
+
+    def _register(self, client: Client) -> None:
+        if self.region is None or self.namespace is None:
+            return
+        self.engine = client.register(
+            self.namespace,
+            region=self.region.region,
+            num_blocks=self.region.num_blocks,
+            segment_bytes=self.region.segment_bytes,
+            layers=self.region.layers,
+        )
+        log.info(
+            "PegaFlow worker: registered %d layers x %d blocks (%s, %s) with %s",
+            len(self.region.layers),
+            self.region.num_blocks,
+            self.namespace.layout,
+            self.namespace.dtype,
+            self.config.socket_path,
+        )
+
+    # ---- per step -------------------------------------------------------------------------
+
+    def apply_chains(self, meta: PegaMetadata) -> None:
+        """Appends the step's tokens to each request's chain, once per metadata object."""
+        if meta is self._applied:
+            return
+        self._applied = meta
+        for ext in meta.chains:
+            tokens = self._tokens.setdefault(ext.req_id, [])
+            start = ext.first_block * self.block_size
+            if len(tokens) < start:
+                log.debug("PegaFlow worker: chain of %s has a gap; dropped", ext.req_id)
+                self._tokens.pop(ext.req_id)
+                continue
+            del tokens[start:]
+            tokens.extend(ext.token_ids)
+            keys = self._keys.get(ext.req_id)
+            if keys is not None:
+                del keys[ext.first_block :]
+
+    def start_loads(self, meta: PegaMetadata) -> None:
+        self.apply_chains(meta)
+        for transfer in meta.loads:
+            future = self._submit("load", transfer)
+            if future is None:
+                self._fail_load(transfer.req_id, transfer.block_ids)
+            else:
+                deadline = time.monotonic() + self.config.load_timeout_s
+                self._loads[transfer.req_id] = _Load(future, transfer.block_ids, deadline)
+
+    def save(self, meta: PegaMetadata) -> None:
+        """Saves the step's newly full blocks and waits, so vLLM can reuse them afterwards."""
+        self.apply_chains(meta)
+        if not meta.saves or self.engine is None:
+            return
+        if self.region is not None and self.region.device.type == "cuda":
+            torch.cuda.current_stream(self.region.device).synchronize()
+        sent = [(t, self._submit("save", t)) for t in meta.saves]
+        deadline = time.monotonic() + self.config.save_timeout_s
+        for transfer, future in sent:
+            reply = None
+            if future is not None:
+                reply = self.link.wait(future, max(deadline - time.monotonic(), 0.0))
+            if reply is None:
+                self.stats.save_error_blocks += len(transfer.block_ids)
+                continue
+            self.stats.saved_blocks += reply["stored"]
+            self.stats.present_blocks += reply["present"]
+            self.stats.dropped_blocks += reply["dropped"]
+
+    def finished(self, finished_req_ids: set[str]) -> set[str] | None:
+        """Requests whose load ended (well or not); forgets the chains of finished requests."""
+        now = time.monotonic()
+        for req_id, load in list(self._loads.items()):
+            if not load.future.done() and now < load.deadline:
+                continue
+            reply = self.link.wait(load.future, 0.0)
+            if reply is not None and not self._copies_done(load, reply) and now < load.deadline:
+                continue
+            del self._loads[req_id]
+            loaded = 0 if reply is None else min(reply["loaded"], len(load.block_ids))
+            self.stats.loaded_blocks += loaded
+            self._fail_load(req_id, load.block_ids[loaded:])
+        self._finished |= finished_req_ids
+        for req_id in self._finished - set(self._loads):
+            self._tokens.pop(req_id, None)
+            self._keys.pop(req_id, None)
+        self._finished &= set(self._loads)
+        done, self._done_recving = self._done_recving, set()
+        self._maybe_log()
+        return done or None
+
+    def _copies_done(self, load: _Load, reply: Reply) -> bool:
+        """GPU engines: the node answers when the copies are queued; its per-layer interprocess
+        events say when they ran. Host engines copy before answering."""
+        handles = reply.get("layer_events")
+        if not handles or self.region is None or self.region.device.type != "cuda":
+            return True
+        if load.events is None:
+            device = self.region.device
+            load.events = [torch.cuda.Event.from_ipc_handle(device, h) for h in handles]
+        return all(event.query() for event in load.events)
+
+    def load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def _fail_load(self, req_id: str, block_ids: list[int]) -> None:
+        self._done_recving.add(req_id)
+        self._load_errors.update(block_ids)
+        self.stats.load_error_blocks += len(block_ids)
+
+    def _submit(self, op: str, transfer: Transfer) -> concurrent.futures.Future[Reply] | None:
+        if self.engine is None:
+            self.link.client()  # (re)connecting registers the region
+        keys = self._chain(transfer.req_id, transfer.first_block + len(transfer.block_ids))
+        if self.engine is None or keys is None:
+            return None
+        return self.link.submit(
+            op,
+            engine=self.engine,
+            keys=keys[transfer.first_block :],
+            block_ids=transfer.block_ids,
+        )
+
+    def _chain(self, req_id: str, blocks: int) -> list[bytes] | None:
+        keys = self._keys.get(req_id, [])
+        if len(keys) < blocks:
+            tokens = self._tokens.get(req_id, [])
+            assert self.namespace is not None
+            digest = self.namespace.digest()
+            keys = chain_keys(digest, tokens[: blocks * self.block_size], self.block_size)
+            self._keys[req_id] = keys
+        return keys[:blocks] if len(keys) >= blocks else None
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= self.config.stats_interval_s:
+            self._last_log = now
+            log.info("PegaFlow worker: %s", dataclasses.asdict(self.stats))
+
+    def close(self) -> None:
+        self.link.close()
+        if self.region is not None and self.region.close is not None:
+            self.region.close()

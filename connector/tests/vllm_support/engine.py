@@ -1,0 +1,102 @@
+"""A vLLM engine process driven by the tests: one JSON command per stdin line, one reply line.
+
+Each engine runs in its own process (vLLM keeps global state), in-process engine core so the
+connector's stats can be read with `pegaflow.connector.connector_stats()`.
+Commands: {"generate": [[token ids], ...], "max_tokens": n} -> {"outputs": [[...]], "stats": [...]};
+{"stats": true} -> {"stats": [...]}; {"exit": true}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "num_hidden_layers": 2,
+    "vocab_size": 1024,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+BLOCK_SIZE = 32
+
+
+def write_model(directory: str) -> None:
+    """A config-only Llama: vLLM's dummy loader makes the weights (no download needed)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(TINY_LLAMA, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--socket", help="use PegaKVConnector with this node socket")
+    parser.add_argument("--extra", default="{}", help="more kv_connector_extra_config, JSON")
+    args = parser.parse_args()
+    write_model(args.model)
+
+    from vllm import LLM, SamplingParams
+
+    options: dict[str, Any] = {}
+    if args.socket:
+        extra = {"socket_path": args.socket, "stats_interval_s": 1.0, **json.loads(args.extra)}
+        options["kv_transfer_config"] = {
+            "kv_connector": "PegaKVConnector",
+            "kv_role": "kv_both",
+            "kv_connector_module_path": "pegaflow.connector",
+            "kv_connector_extra_config": extra,
+        }
+        # Hits must come from PegaFlow, not from vLLM's own prefix cache.
+        options["enable_prefix_caching"] = False
+    llm = LLM(
+        model=args.model,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        block_size=BLOCK_SIZE,
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=1024,
+        max_num_seqs=8,
+        kv_cache_memory_bytes=32 << 20,
+        seed=0,
+        **options,
+    )
+    from pegaflow.connector import connector_stats
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("exit"):
+            break
+        reply: dict[str, Any] = {}
+        if "generate" in command:
+            params = SamplingParams(
+                max_tokens=command.get("max_tokens", 16), temperature=0.0, detokenize=False
+            )
+            prompts = [{"prompt_token_ids": ids} for ids in command["generate"]]
+            results = llm.generate(prompts, params, use_tqdm=False)
+            reply["outputs"] = [list(r.outputs[0].token_ids) for r in results]
+        reply["stats"] = connector_stats()
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()
