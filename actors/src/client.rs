@@ -143,5 +143,6 @@ fn blocks(engine: u32, keys: &[BlockKey], block_ids: &[u32]) -> BlocksRequest {
         engine,
         keys: join_keys(keys),
         block_ids: block_ids.to_vec(),
+        persist: false,
     }
 }

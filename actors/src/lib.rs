@@ -14,5 +14,6 @@ pub mod node;
 pub mod pool;
 pub mod protocol;
 pub mod session;
+pub mod ssd;
 pub mod stats;
 pub mod transfer;

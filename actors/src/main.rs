@@ -1,5 +1,6 @@
 //! `pegaflow-node`: parse the config, start the node, wait for SIGTERM/SIGINT, drain.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,10 +16,17 @@ struct Cli {
     /// Print the effective configuration, with where each value came from, and exit.
     #[arg(long)]
     print_config: bool,
+    /// Verify every page of the SSD tier in DIR offline (the node must not be using it), print
+    /// a summary, and exit: 0 when clean, 1 when corrupt pages were found, 2 when DIR is unreadable.
+    #[arg(long, value_name = "DIR")]
+    check_ssd: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.check_ssd {
+        return check_ssd(dir);
+    }
     let loaded = match pegaflow_config::load(&cli.config) {
         Ok(loaded) => loaded,
         Err(error) => {
@@ -57,6 +65,23 @@ fn main() -> ExitCode {
         node.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+fn check_ssd(dir: &Path) -> ExitCode {
+    match pegaflow_actors::ssd::check::check(dir) {
+        Ok(report) => {
+            print!("{}", report.render());
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(error) => {
+            eprintln!("pegaflow-node: cannot check {}: {error}", dir.display());
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

@@ -2,8 +2,8 @@
 //! `pegaflow_` prefix, units in the name, `_total` on counters.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Counter, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the node exports, registered in one registry.
@@ -26,6 +26,26 @@ pub struct Metrics {
     pub pool_evictions_total: IntCounter,
     pub sessions: IntGauge,
     pub engines: IntGauge,
+    /// `ssd.size`; 0 when the SSD tier is off.
+    pub ssd_capacity_bytes: IntGauge,
+    pub ssd_used_bytes: IntGauge,
+    pub ssd_pages: IntGauge,
+    pub ssd_segments: IntGauge,
+    /// 1 while the tier writes, 0 after a write error stopped it.
+    pub ssd_healthy: IntGauge,
+    pub ssd_lookup_hit_blocks_total: IntCounter,
+    pub ssd_reads_total: IntCounter,
+    pub ssd_read_bytes_total: IntCounter,
+    pub ssd_read_seconds_total: Counter,
+    pub ssd_read_errors_total: IntCounter,
+    pub ssd_writes_total: IntCounter,
+    pub ssd_write_bytes_total: IntCounter,
+    pub ssd_write_seconds_total: Counter,
+    pub ssd_write_errors_total: IntCounter,
+    pub ssd_segments_dropped_total: IntCounter,
+    pub ssd_checksum_failures_total: IntCounter,
+    pub ssd_spills_dropped_total: IntCounter,
+    pub ssd_admission_rejected_total: IntCounter,
 }
 
 impl Metrics {
@@ -41,6 +61,11 @@ impl Metrics {
             let g = IntGauge::new(format!("pegaflow_{name}"), help)?;
             registry.register(Box::new(g.clone()))?;
             Ok(g)
+        };
+        let seconds = |name: &str, help: &str| -> Result<Counter, prometheus::Error> {
+            let c = Counter::new(format!("pegaflow_{name}"), help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
         };
         let requests_total = IntCounterVec::new(
             Opts::new("pegaflow_requests_total", "Socket requests handled, by op"),
@@ -106,6 +131,63 @@ impl Metrics {
             pool_evictions_total: counter("pool_evictions_total", "Blocks evicted to make room")?,
             sessions: gauge("sessions", "Open connector sessions")?,
             engines: gauge("engines", "Engines registered over open sessions")?,
+            ssd_capacity_bytes: gauge(
+                "ssd_capacity_bytes",
+                "SSD tier capacity (ssd.size); 0 when the tier is off",
+            )?,
+            ssd_used_bytes: gauge("ssd_used_bytes", "Bytes of SSD segment files")?,
+            ssd_pages: gauge("ssd_pages", "Blocks held on SSD")?,
+            ssd_segments: gauge("ssd_segments", "SSD segment files")?,
+            ssd_healthy: gauge(
+                "ssd_healthy",
+                "1 while the SSD tier writes; 0 after a write error (disk full) stopped spills",
+            )?,
+            ssd_lookup_hit_blocks_total: counter(
+                "ssd_lookup_hit_blocks_total",
+                "Looked-up blocks of the held prefix found only on SSD",
+            )?,
+            ssd_reads_total: counter("ssd_reads_total", "Blocks promoted from SSD into the pool")?,
+            ssd_read_bytes_total: counter(
+                "ssd_read_bytes_total",
+                "Bytes promoted from SSD into the pool",
+            )?,
+            ssd_read_seconds_total: seconds(
+                "ssd_read_seconds_total",
+                "Time spent reading and verifying promoted SSD records (summed over threads)",
+            )?,
+            ssd_read_errors_total: counter(
+                "ssd_read_errors_total",
+                "SSD reads that failed with an I/O error",
+            )?,
+            ssd_writes_total: counter("ssd_writes_total", "Blocks written to SSD")?,
+            ssd_write_bytes_total: counter(
+                "ssd_write_bytes_total",
+                "Bytes written to SSD segments, record headers and padding included",
+            )?,
+            ssd_write_seconds_total: seconds(
+                "ssd_write_seconds_total",
+                "Time spent in SSD writes and their fdatasync",
+            )?,
+            ssd_write_errors_total: counter(
+                "ssd_write_errors_total",
+                "SSD write errors (disk full, I/O errors); each stops spills",
+            )?,
+            ssd_segments_dropped_total: counter(
+                "ssd_segments_dropped_total",
+                "Oldest SSD segments dropped to stay under ssd.size",
+            )?,
+            ssd_checksum_failures_total: counter(
+                "ssd_checksum_failures_total",
+                "SSD records that failed their checksum on read; each became a miss",
+            )?,
+            ssd_spills_dropped_total: counter(
+                "ssd_spills_dropped_total",
+                "Evicted pages not written to SSD because the staging queue was full or the tier failed",
+            )?,
+            ssd_admission_rejected_total: counter(
+                "ssd_admission_rejected_total",
+                "Evicted pages the admission policy kept off the SSD",
+            )?,
             registry,
         })
     }

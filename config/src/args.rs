@@ -33,6 +33,9 @@ pub struct ConfigArgs {
     /// Override ssd.size, e.g. 500GiB.
     #[arg(long, value_name = "SIZE")]
     pub ssd_size: Option<String>,
+    /// Override ssd.admission: always, second_hit or never.
+    #[arg(long, value_name = "POLICY")]
+    pub ssd_admission: Option<String>,
     /// Override otlp.endpoint (turns OTLP export on).
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
@@ -52,6 +55,7 @@ impl ConfigArgs {
             ("dma.engine", &self.dma),
             ("ssd.dir", &self.ssd_dir),
             ("ssd.size", &self.ssd_size),
+            ("ssd.admission", &self.ssd_admission),
             ("otlp.endpoint", &self.otlp_endpoint),
             ("log.level", &self.log_level),
         ]

@@ -61,6 +61,13 @@ pub(crate) const KEYS: &[Key] = {
         ),
         key("ssd.dir", Some("--ssd-dir"), Text, "a directory path"),
         key("ssd.size", Some("--ssd-size"), Text, SIZE),
+        key(
+            "ssd.admission",
+            Some("--ssd-admission"),
+            Text,
+            "one of \"always\", \"second_hit\", \"never\"",
+        ),
+        key("ssd.queue_size", None, Text, SIZE),
         key("fabric.enabled", None, Value, "true or false"),
         key("fabric.cluster_id", None, Text, TEXT),
         key("fabric.node_id", None, Text, TEXT),

@@ -28,7 +28,7 @@ pub use error::ConfigError;
 pub use loaded::LoadedConfig;
 pub use node_config::{
     DmaConfig, DmaEngine, FabricConfig, HttpConfig, LogConfig, NodeConfig, OtlpConfig, PoolConfig,
-    SocketConfig, SsdConfig,
+    SocketConfig, SsdAdmission, SsdConfig,
 };
 pub use origin::Origin;
 pub use size::{Size, SizeParseError};

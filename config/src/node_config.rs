@@ -110,13 +110,43 @@ pub struct DmaConfig {
 }
 
 /// The local SSD tier that pages spill to.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SsdConfig {
     /// Directory of segment files; `None` turns the SSD tier off.
     pub dir: Option<PathBuf>,
     /// Capacity the tier may use in `dir`.
     pub size: Size,
+    /// Which evicted pages are worth an SSD write.
+    pub admission: SsdAdmission,
+    /// Bytes of evicted pages staged for the SSD writer; spills beyond it are dropped, so a
+    /// slow disk never holds back a save.
+    pub queue_size: Size,
+}
+
+impl Default for SsdConfig {
+    fn default() -> Self {
+        SsdConfig {
+            dir: None,
+            size: Size(0),
+            admission: SsdAdmission::SecondHit,
+            queue_size: Size::mib(256),
+        }
+    }
+}
+
+/// Admission policy of the SSD tier: which pages evicted from memory are written to SSD.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SsdAdmission {
+    /// Every evicted page.
+    Always,
+    /// Pages hit at least once while in memory, or saved again after an earlier eviction:
+    /// a one-off prompt does not push reusable blocks off the SSD.
+    #[default]
+    SecondHit,
+    /// None: the SSD holds only pages saved with `persist`.
+    Never,
 }
 
 /// Gossip membership and peer-to-peer block fetches.

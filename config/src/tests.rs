@@ -75,6 +75,8 @@ fn no_layers_gives_defaults() {
     assert_eq!(d.dma.engine, DmaEngine::Auto);
     assert_eq!(d.ssd.dir, None);
     assert_eq!(d.ssd.size, Size(0));
+    assert_eq!(d.ssd.admission, SsdAdmission::SecondHit);
+    assert_eq!(d.ssd.queue_size, Size::mib(256));
     assert!(!d.fabric.enabled);
     assert_eq!(d.fabric.cluster_id, "pegaflow");
     assert_eq!(d.fabric.listen.to_string(), "0.0.0.0:9096");
@@ -218,6 +220,8 @@ fn every_flag_overrides_its_key() {
         "/mnt/ssd",
         "--ssd-size",
         "100GiB",
+        "--ssd-admission",
+        "never",
         "--otlp-endpoint",
         "https://otel:4318",
         "--log-level",
@@ -232,10 +236,11 @@ fn every_flag_overrides_its_key() {
     assert_eq!(c.dma.engine, DmaEngine::Cuda);
     assert_eq!(c.ssd.dir, Some(PathBuf::from("/mnt/ssd")));
     assert_eq!(c.ssd.size, Size::gib(100));
+    assert_eq!(c.ssd.admission, SsdAdmission::Never);
     assert_eq!(c.otlp.endpoint.as_deref(), Some("https://otel:4318"));
     assert_eq!(c.log.level, "warn");
     let with_flags: Vec<_> = KEYS.iter().filter(|k| k.flag.is_some()).collect();
-    assert_eq!(with_flags.len(), 9);
+    assert_eq!(with_flags.len(), 10);
     for key in with_flags {
         assert_eq!(loaded.origin(key.name), key.flag.map(Origin::Flag).as_ref());
     }
@@ -341,6 +346,16 @@ fn bad_values_name_key_value_origin_and_expectation() {
             cli(&["--ssd-dir", "/mnt/ssd"]),
             &[],
             r#"config key ssd.size = "0B" (default): expected a size greater than 0B because ssd.dir is set"#.into(),
+        ),
+        (
+            cli(&["--ssd-admission", "lru"]),
+            &[],
+            r#"config key ssd.admission = "lru" (flag --ssd-admission): expected one of "always", "second_hit", "never""#.into(),
+        ),
+        (
+            none.clone(),
+            &[("PEGAFLOW_SSD__QUEUE_SIZE", "1MiB")],
+            r#"config key ssd.queue_size = "1MiB" (env PEGAFLOW_SSD__QUEUE_SIZE): expected a size of at least pool.max_page_size (64MiB) so one page can be staged"#.into(),
         ),
         (
             none.clone(),

@@ -56,6 +56,14 @@ pub(crate) fn validate(config: &NodeConfig, sources: &Sources) -> Result<(), Con
         "ssd.size",
         "a size greater than 0B because ssd.dir is set".to_owned(),
     )?;
+    check(
+        config.ssd.queue_size >= pool.max_page_size,
+        "ssd.queue_size",
+        format!(
+            "a size of at least pool.max_page_size ({}) so one page can be staged",
+            pool.max_page_size
+        ),
+    )?;
 
     let fabric = &config.fabric;
     check(

@@ -18,6 +18,15 @@ pub struct PageEntry {
     pub bytes: u64,
     pub crc32c: u32,
     leases: u32,
+    /// Whether a lookup or load hit it while in memory (SSD admission asks).
+    hit: bool,
+}
+
+impl PageEntry {
+    /// Whether the page was hit (looked up, loaded, or saved again) since it was stored.
+    pub fn was_hit(&self) -> bool {
+        self.hit
+    }
 }
 
 /// Key -> page, with LRU order over the evictable pages.
@@ -43,10 +52,16 @@ impl PageIndex {
         self.entries.get(key)
     }
 
-    /// Marks `key` recently used; returns whether it is stored.
+    /// Marks `key` recently used and hit; returns whether it is stored.
     pub fn touch(&mut self, key: &BlockKey) -> bool {
         self.evictable.promote(key);
-        self.entries.contains_key(key)
+        match self.entries.get_mut(key) {
+            Some(entry) => {
+                entry.hit = true;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Stores a committed page as most recently used. Returns the extent back if the key was
@@ -68,15 +83,17 @@ impl PageIndex {
                 bytes,
                 crc32c,
                 leases: 0,
+                hit: false,
             },
         );
         self.evictable.put(key, ());
         Ok(())
     }
 
-    /// Pins a stored page against eviction; `None` if not stored.
+    /// Pins a stored page against eviction (and counts it hit); `None` if not stored.
     pub fn lease(&mut self, key: &BlockKey) -> Option<PageEntry> {
         let entry = self.entries.get_mut(key)?;
+        entry.hit = true;
         if entry.leases == 0 {
             self.evictable.pop(key);
             self.leased_bytes += entry.extent.len;

@@ -1,9 +1,15 @@
-//! `PoolActor`: owns the page allocator, the key index and every lease over pool pages.
+//! `PoolActor`: owns the page allocator, the key index, every lease over pool pages, and the
+//! SSD tier below them.
 //!
 //! The arena bytes themselves are shared with the transfer actor (it is the DMA target); who
 //! may touch which page is decided here alone, through leases: a save writes only extents
 //! reserved for it, a load reads only pages pinned for it, and eviction only ever takes
 //! pages nobody holds.
+//!
+//! With an SSD tier ([`crate::ssd`]), an evicted page is offered to it (copied out before its
+//! extent is freed), a lookup counts SSD-resident keys as hits, and a load first promotes its
+//! SSD-resident blocks into freshly reserved extents: the reads run off the actor, which is told
+//! when they are done ([`PoolMsg::Promoted`]) and only then grants the load.
 
 mod allocator;
 mod index;
@@ -19,6 +25,8 @@ pub use index::{PageEntry, PageIndex};
 
 use crate::keys::BlockKey;
 use crate::metrics::Metrics;
+use crate::ssd::reader::Promotion;
+use crate::ssd::SsdTier;
 
 /// Identifies who holds a lookup lease: one socket session.
 pub type OwnerId = u64;
@@ -45,11 +53,24 @@ pub enum PoolMsg {
         crcs: Vec<u32>,
         reply: RpcReplyPort<u32>,
     },
-    /// Pins the longest held prefix of `keys` whose pages are `page_bytes` long, for a load.
+    /// Pins the longest held prefix of `keys` whose pages are `page_bytes` long, for a load,
+    /// promoting SSD-resident blocks into memory first.
     AcquireLoad {
         keys: Vec<BlockKey>,
         page_bytes: u64,
         reply: RpcReplyPort<LoadGrant>,
+    },
+    /// Sent by the pool to itself: a load's promotions finished (`done`, one flag each).
+    Promoted {
+        pending: PendingLoad,
+        done: Vec<bool>,
+        reply: RpcReplyPort<LoadGrant>,
+    },
+    /// Writes the held pages of `keys` to SSD and syncs; replies how many of the distinct
+    /// keys are then durable on SSD (0 without an SSD tier).
+    Persist {
+        keys: Vec<BlockKey>,
+        reply: RpcReplyPort<u32>,
     },
     /// Ends a transfer's lease: aborts an uncommitted save or unpins a load.
     EndTransfer {
@@ -74,6 +95,8 @@ pub enum PoolMsg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LookupOutcome {
     pub hits: u32,
+    /// How many of the `hits` are on SSD only (a load promotes them first).
+    pub ssd_hits: u32,
     pub lease: Option<LeaseId>,
 }
 
@@ -100,6 +123,30 @@ pub struct SaveReservation {
 pub struct LoadGrant {
     pub lease: LeaseId,
     pub pages: Vec<PageEntry>,
+}
+
+/// What [`PoolState::acquire_load`] decided.
+pub enum LoadPlan {
+    /// Every block of the prefix is in memory and pinned.
+    Ready(LoadGrant),
+    /// Some blocks must be read from SSD first; finish with [`PoolState::finish_load`].
+    Promote(PendingLoad, Vec<Promotion>),
+}
+
+/// A load waiting for its promotions: its pinned pages and reserved extents, in key order.
+pub struct PendingLoad {
+    lease: LeaseId,
+    steps: Vec<LoadStep>,
+    page_bytes: u64,
+}
+
+enum LoadStep {
+    Held(BlockKey, PageEntry),
+    Promoting {
+        key: BlockKey,
+        extent: Extent,
+        crc32c: u32,
+    },
 }
 
 /// Pool occupancy, as `/api/stats` and `stats` report it.
@@ -134,23 +181,29 @@ pub struct PoolState {
     leases: HashMap<LeaseId, Lease>,
     writing: HashSet<BlockKey>,
     writing_bytes: u64,
+    /// Bytes of extents being filled from SSD.
+    promoting_bytes: u64,
     next_lease: LeaseId,
     evictions: u64,
     metrics: Arc<Metrics>,
+    ssd: Option<SsdTier>,
 }
 
 impl PoolState {
-    /// An empty pool of `capacity` bytes handing out `align`-aligned extents.
-    pub fn new(capacity: u64, align: u64, metrics: Arc<Metrics>) -> Self {
+    /// An empty pool of `capacity` bytes handing out `align`-aligned extents, over `ssd` when
+    /// the tier is on.
+    pub fn new(capacity: u64, align: u64, metrics: Arc<Metrics>, ssd: Option<SsdTier>) -> Self {
         let state = Self {
             allocator: ExtentAllocator::new(capacity, align),
             index: PageIndex::default(),
             leases: HashMap::new(),
             writing: HashSet::new(),
             writing_bytes: 0,
+            promoting_bytes: 0,
             next_lease: 1,
             evictions: 0,
             metrics,
+            ssd,
         };
         state.publish();
         state
@@ -163,15 +216,31 @@ impl PoolState {
         id
     }
 
-    /// See [`PoolMsg::Lookup`].
+    /// See [`PoolMsg::Lookup`]. Memory is asked first, then the SSD tier; a lease pins the
+    /// hits held in memory (SSD-resident ones have no page to pin).
     pub fn lookup(&mut self, keys: &[BlockKey], lease_for: Option<OwnerId>) -> LookupOutcome {
-        let hits = keys.iter().take_while(|key| self.index.touch(key)).count();
+        let mut hits = 0usize;
+        let mut ssd_hits = 0u32;
+        for key in keys {
+            if self.index.touch(key) {
+                hits += 1;
+            } else if self.ssd.as_ref().is_some_and(|ssd| ssd.contains(key)) {
+                hits += 1;
+                ssd_hits += 1;
+            } else {
+                break;
+            }
+        }
+        if let Some(ssd) = &self.ssd {
+            ssd.count_hits(ssd_hits);
+        }
         let lease = match lease_for {
             Some(owner) if hits > 0 => {
-                let pinned: Vec<BlockKey> = keys[..hits].to_vec();
-                for key in &pinned {
-                    self.index.lease(key);
-                }
+                let pinned: Vec<BlockKey> = keys[..hits]
+                    .iter()
+                    .filter(|key| self.index.lease(key).is_some())
+                    .copied()
+                    .collect();
                 Some(self.new_lease(Lease::Pinned {
                     owner: Some(owner),
                     keys: pinned,
@@ -182,6 +251,7 @@ impl PoolState {
         self.publish();
         LookupOutcome {
             hits: hits as u32,
+            ssd_hits,
             lease,
         }
     }
@@ -217,7 +287,10 @@ impl PoolState {
             if let Some(extent) = self.allocator.allocate(bytes) {
                 return Some(extent);
             }
-            let (_, victim) = self.index.evict_lru()?;
+            let (key, victim) = self.index.evict_lru()?;
+            if let Some(ssd) = self.ssd.as_mut() {
+                ssd.spill(&key, &victim, victim.was_hit());
+            }
             self.allocator.free(victim.extent);
             self.evictions += 1;
             self.metrics.pool_evictions_total.inc();
@@ -239,7 +312,12 @@ impl PoolState {
                 continue;
             };
             match self.index.insert(key, extent, page_bytes, crc) {
-                Ok(()) => stored += 1,
+                Ok(()) => {
+                    stored += 1;
+                    if self.ssd.as_mut().is_some_and(|ssd| ssd.seen_before(&key)) {
+                        self.index.touch(&key);
+                    }
+                }
                 Err(extent) => self.allocator.free(extent),
             }
         }
@@ -247,26 +325,141 @@ impl PoolState {
         stored
     }
 
-    /// See [`PoolMsg::AcquireLoad`].
-    pub fn acquire_load(&mut self, keys: &[BlockKey], page_bytes: u64) -> LoadGrant {
+    /// See [`PoolMsg::AcquireLoad`]. Pins the leading blocks held in memory and reserves an
+    /// extent for each leading block held on SSD; stops at the first block in neither (or of
+    /// another size, or with no room left).
+    pub fn acquire_load(&mut self, keys: &[BlockKey], page_bytes: u64) -> LoadPlan {
         let mut pinned = Vec::new();
-        let mut pages = Vec::new();
+        let mut steps = Vec::new();
+        let mut promotions = Vec::new();
         for key in keys {
-            match self.index.get(key) {
-                Some(entry) if entry.bytes == page_bytes => {}
-                _ => break,
+            if let Some(entry) = self.index.get(key) {
+                if entry.bytes != page_bytes {
+                    break;
+                }
+                if let Some(entry) = self.index.lease(key) {
+                    pinned.push(*key);
+                    steps.push(LoadStep::Held(*key, entry));
+                }
+                continue;
             }
-            if let Some(entry) = self.index.lease(key) {
-                pinned.push(*key);
-                pages.push(entry);
+            let Some(location) = self.ssd.as_ref().and_then(|ssd| ssd.location(key)) else {
+                break;
+            };
+            if location.entry.len != page_bytes {
+                break;
             }
+            let Some(extent) = self.allocate_evicting(page_bytes) else {
+                break;
+            };
+            self.promoting_bytes += extent.len;
+            promotions.push(Promotion {
+                key: *key,
+                location,
+                arena_offset: extent.offset,
+            });
+            steps.push(LoadStep::Promoting {
+                key: *key,
+                extent,
+                crc32c: location.entry.crc32c,
+            });
         }
         let lease = self.new_lease(Lease::Pinned {
             owner: None,
             keys: pinned,
         });
         self.publish();
-        LoadGrant { lease, pages }
+        let pending = PendingLoad {
+            lease,
+            steps,
+            page_bytes,
+        };
+        if promotions.is_empty() {
+            LoadPlan::Ready(self.finish_load(pending, &[]))
+        } else {
+            LoadPlan::Promote(pending, promotions)
+        }
+    }
+
+    /// Completes a load once its promotions ran (`done`: one flag per promotion, in order):
+    /// promoted pages join the index, and the grant covers the blocks up to the first failed
+    /// promotion; pages pinned past it are unpinned, pages promoted past it stay cached.
+    pub fn finish_load(&mut self, pending: PendingLoad, done: &[bool]) -> LoadGrant {
+        let mut done = done.iter().copied();
+        let mut pages = Vec::new();
+        let mut pinned = Vec::new();
+        let mut broken = false;
+        for step in pending.steps {
+            match step {
+                LoadStep::Held(key, _) if broken => self.index.unlease(&key),
+                LoadStep::Held(key, entry) => {
+                    pinned.push(key);
+                    pages.push(entry);
+                }
+                LoadStep::Promoting {
+                    key,
+                    extent,
+                    crc32c,
+                } => {
+                    self.promoting_bytes -= extent.len;
+                    if !done.next().unwrap_or(false) {
+                        self.allocator.free(extent);
+                        broken = true;
+                        continue;
+                    }
+                    // A save may have stored the same block meanwhile: keep its page.
+                    if let Err(extent) = self.index.insert(key, extent, pending.page_bytes, crc32c)
+                    {
+                        self.allocator.free(extent);
+                    }
+                    if broken {
+                        continue;
+                    }
+                    match self.index.lease(&key) {
+                        Some(entry) => {
+                            pinned.push(key);
+                            pages.push(entry);
+                        }
+                        None => broken = true,
+                    }
+                }
+            }
+        }
+        if let Some(Lease::Pinned { keys, .. }) = self.leases.get_mut(&pending.lease) {
+            *keys = pinned;
+        }
+        self.publish();
+        LoadGrant {
+            lease: pending.lease,
+            pages,
+        }
+    }
+
+    /// Hands a grant to its load; if the load is gone, its pins end here.
+    fn send_grant(&mut self, reply: RpcReplyPort<LoadGrant>, grant: LoadGrant) {
+        let lease = grant.lease;
+        if reply.send(grant).is_err() {
+            self.end_transfer(lease);
+        }
+    }
+
+    /// See [`PoolMsg::Persist`].
+    pub fn persist(&mut self, keys: &[BlockKey], reply: RpcReplyPort<u32>) {
+        let Some(ssd) = self.ssd.as_mut() else {
+            let _ = reply.send(0);
+            return;
+        };
+        let mut seen = HashSet::new();
+        let mut durable = 0;
+        let mut pages = Vec::new();
+        for key in keys.iter().filter(|key| seen.insert(**key)) {
+            if ssd.contains(key) {
+                durable += 1;
+            } else if let Some(entry) = self.index.get(key) {
+                pages.push((*key, *entry));
+            }
+        }
+        ssd.persist(pages, durable, reply);
     }
 
     /// See [`PoolMsg::EndTransfer`].
@@ -318,7 +511,7 @@ impl PoolState {
         PoolStats {
             capacity_bytes: self.allocator.capacity(),
             used_bytes: self.allocator.capacity() - self.allocator.free_bytes(),
-            leased_bytes: self.index.leased_bytes() + self.writing_bytes,
+            leased_bytes: self.index.leased_bytes() + self.writing_bytes + self.promoting_bytes,
             pages: self.index.len() as u64,
             leased_pages: self.index.leased_pages() as u64,
             writing_pages: self.writing.len() as u64,
@@ -399,7 +592,7 @@ impl Actor for PoolActor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<PoolMsg>,
+        myself: ActorRef<PoolMsg>,
         message: PoolMsg,
         state: &mut PoolState,
     ) -> Result<(), ActorProcessingErr> {
@@ -422,7 +615,36 @@ impl Actor for PoolActor {
                 keys,
                 page_bytes,
                 reply,
-            } => drop(reply.send(state.acquire_load(&keys, page_bytes))),
+            } => match state.acquire_load(&keys, page_bytes) {
+                LoadPlan::Ready(grant) => state.send_grant(reply, grant),
+                LoadPlan::Promote(pending, promotions) => match state.ssd.as_ref() {
+                    Some(ssd) => {
+                        let reads = ssd.promote(promotions);
+                        tokio::spawn(async move {
+                            let done = reads.await;
+                            // A stopped pool takes its extents with it.
+                            let _ = myself.cast(PoolMsg::Promoted {
+                                pending,
+                                done,
+                                reply,
+                            });
+                        });
+                    }
+                    None => {
+                        let grant = state.finish_load(pending, &[]);
+                        state.send_grant(reply, grant);
+                    }
+                },
+            },
+            PoolMsg::Promoted {
+                pending,
+                done,
+                reply,
+            } => {
+                let grant = state.finish_load(pending, &done);
+                state.send_grant(reply, grant);
+            }
+            PoolMsg::Persist { keys, reply } => state.persist(&keys, reply),
             PoolMsg::EndTransfer { lease } => state.end_transfer(lease),
             PoolMsg::Release {
                 owner,

@@ -28,5 +28,6 @@ pub async fn handle(state: &SessionState, req: LookupRequest) -> Result<ReplyBod
     Ok(ReplyBody::Lookup(LookupReply {
         hits: outcome.hits,
         lease: outcome.lease,
+        ssd_hits: outcome.ssd_hits,
     }))
 }

@@ -34,6 +34,8 @@ pub struct BlocksJob {
     pub engine: Arc<Engine>,
     pub keys: Vec<BlockKey>,
     pub block_ids: Vec<u32>,
+    /// `save` only: reply once the blocks are durable on SSD.
+    pub persist: bool,
 }
 
 /// The checks `save` and `load` share, run in order with the session's other ops: a
@@ -65,5 +67,6 @@ pub fn prepare_blocks(state: &SessionState, req: BlocksRequest) -> Result<Blocks
         engine,
         keys,
         block_ids: req.block_ids,
+        persist: req.persist,
     })
 }
