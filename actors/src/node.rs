@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pegaflow_config::{DmaEngine as DmaChoice, NodeConfig};
-use pegaflow_gpu_dma::{Arena, DmaError, HostDmaEngine};
+use pegaflow_gpu_dma::{Arena, CudaDmaEngine, DmaEngine, DmaError, HostDmaEngine};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
@@ -19,7 +19,8 @@ use crate::context::NodeContext;
 use crate::metrics::Metrics;
 use crate::pool::{OwnerId, PoolActor, PoolState};
 use crate::session::{release_session, SessionActor, SessionArgs};
-use crate::transfer::{TransferActor, TransferState};
+use crate::ssd::{SsdError, SsdTier};
+use crate::transfer::{TransferActor, TransferMsg, TransferState};
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +39,14 @@ pub enum StartError {
     },
     #[error("cannot allocate the pool of pool.size {bytes} bytes: {source}")]
     Arena { bytes: u64, source: DmaError },
-    #[error("dma.engine = \"cuda\", but this build has no CUDA engine; use \"auto\" or \"host\"")]
-    CudaUnavailable,
+    #[error("dma.engine = \"cuda\", but {0}; use \"auto\" or \"host\"")]
+    Cuda(DmaError),
     #[error("cannot start the {0} actor: {1}")]
     Spawn(&'static str, String),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Ssd(#[from] SsdError),
 }
 
 /// Messages of the supervisor.
@@ -206,20 +209,12 @@ async fn start_serving(
                 source,
             })?,
         );
-    let engine = choose_engine(config, arena.clone())?;
-    let dma = pegaflow_gpu_dma::DmaEngine::name(&engine);
-    let pool_state = PoolState::new(arena.len(), config.pool.page_align.0, metrics.clone());
+    let (transfer, dma) = spawn_transfer(config, arena.clone(), metrics.clone()).await?;
+    let ssd = SsdTier::open(&config.ssd, arena.clone(), metrics.clone())?;
+    let pool_state = PoolState::new(arena.len(), config.pool.page_align.0, metrics.clone(), ssd);
     let (pool, _) = Actor::spawn(None, PoolActor, pool_state)
         .await
         .map_err(|e| StartError::Spawn("pool", e.to_string()))?;
-    let transfer_state = TransferState::new(engine, arena, metrics.clone());
-    let (transfer, _) = Actor::spawn(
-        None,
-        TransferActor::<HostDmaEngine>::default(),
-        transfer_state,
-    )
-    .await
-    .map_err(|e| StartError::Spawn("transfer", e.to_string()))?;
     let ctx = Arc::new(NodeContext::new(
         pool,
         transfer,
@@ -250,21 +245,51 @@ async fn start_serving(
     })
 }
 
-fn choose_engine(config: &NodeConfig, arena: Arc<Arena>) -> Result<HostDmaEngine, StartError> {
+/// Chooses the copy engine (`dma.engine`), says which and why, and starts the transfer actor
+/// on it.
+async fn spawn_transfer(
+    config: &NodeConfig,
+    arena: Arc<Arena>,
+    metrics: Arc<Metrics>,
+) -> Result<(ActorRef<TransferMsg>, &'static str), StartError> {
+    let cuda = || CudaDmaEngine::new(0, arena.clone());
     match config.dma.engine {
-        DmaChoice::Cuda => Err(StartError::CudaUnavailable),
         DmaChoice::Host => {
             tracing::info!(dma = "host", "copy engine: host (dma.engine = \"host\")");
-            Ok(HostDmaEngine::new(arena))
+            start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics).await
         }
-        DmaChoice::Auto => {
-            tracing::info!(
-                dma = "host",
-                "copy engine: host (dma.engine = \"auto\" and this build has no CUDA engine)"
-            );
-            Ok(HostDmaEngine::new(arena))
+        DmaChoice::Cuda => {
+            let engine = cuda().map_err(StartError::Cuda)?;
+            tracing::info!(dma = "cuda", engine = %engine.describe(), "copy engine: cuda (dma.engine = \"cuda\")");
+            start_transfer(engine, arena, metrics).await
         }
+        DmaChoice::Auto => match cuda() {
+            Ok(engine) => {
+                tracing::info!(dma = "cuda", engine = %engine.describe(), "copy engine: cuda (dma.engine = \"auto\" and a GPU is present)");
+                start_transfer(engine, arena, metrics).await
+            }
+            Err(why) => {
+                tracing::info!(
+                    dma = "host",
+                    "copy engine: host (dma.engine = \"auto\"; {why})"
+                );
+                start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics).await
+            }
+        },
     }
+}
+
+async fn start_transfer<E: DmaEngine>(
+    engine: E,
+    arena: Arc<Arena>,
+    metrics: Arc<Metrics>,
+) -> Result<(ActorRef<TransferMsg>, &'static str), StartError> {
+    let dma = engine.name();
+    let state = TransferState::new(engine, arena, metrics);
+    let (transfer, _) = Actor::spawn(None, TransferActor::<E>::default(), state)
+        .await
+        .map_err(|e| StartError::Spawn("transfer", e.to_string()))?;
+    Ok((transfer, dma))
 }
 
 /// Binds the connector socket, replacing a stale file but never a live node's socket.

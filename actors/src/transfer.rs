@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use pegaflow_gpu_dma::{Arena, CopyOp, Direction, DmaEngine, DmaError, RegionSource};
+use pegaflow_gpu_dma::{Arena, CopyOp, Direction, DmaEngine, DmaError, EventRing, RegionSource};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 use crate::pool::OwnerId;
@@ -35,21 +36,34 @@ pub enum TransferError {
     Worker(String),
 }
 
+/// A region opened for a session, with the event handles a GPU engine's loads signal through.
+pub struct OpenedRegion {
+    pub id: RegionId,
+    /// Interprocess event handles, one per ring slot; empty for engines without events.
+    pub event_handles: Vec<[u8; 64]>,
+}
+
 /// Messages the transfer actor answers.
 pub enum TransferMsg {
     /// Opens a region for the session `owner`; it stays open until `CloseOwner`.
     Open {
         owner: OwnerId,
         source: RegionSource,
-        reply: RpcReplyPort<Result<RegionId, DmaError>>,
+        reply: RpcReplyPort<Result<OpenedRegion, DmaError>>,
     },
     /// Closes every region of a session that ended.
     CloseOwner { owner: OwnerId },
-    /// Replies with one crc32c per entry of `checksum_pages`.
+    /// Runs a copy job. For a load on an engine with events, `queued` receives the event slot
+    /// of each layer once every layer's copy and event are enqueued, before the copies finish,
+    /// so the engine can wait on them GPU-side; `reply` comes when the copies are done, with
+    /// one crc32c per entry of `checksum_pages`.
     Copy {
         job: CopyJob,
+        queued: Option<oneshot::Sender<Vec<u32>>>,
         reply: RpcReplyPort<Result<Vec<u32>, TransferError>>,
     },
+    /// A job finished; its event slots may be handed out again.
+    JobDone { region: RegionId, first_slot: u32 },
 }
 
 /// The actor, generic over the copy engine chosen at start.
@@ -65,11 +79,18 @@ impl<E: DmaEngine> Default for TransferActor<E> {
     }
 }
 
+struct Opened<R> {
+    owner: OwnerId,
+    region: Arc<R>,
+    /// Which event slots are in use by loads in flight; `None` without events.
+    ring: Option<EventRing>,
+}
+
 /// The engine, the arena it copies into, and the regions opened so far.
 pub struct TransferState<E: DmaEngine> {
     engine: Arc<E>,
     arena: Arc<Arena>,
-    regions: HashMap<RegionId, (OwnerId, Arc<E::Region>)>,
+    regions: HashMap<RegionId, Opened<E::Region>>,
     metrics: Arc<Metrics>,
     next_region: RegionId,
 }
@@ -85,17 +106,59 @@ impl<E: DmaEngine> TransferState<E> {
             next_region: 1,
         }
     }
+
+    fn open(&mut self, owner: OwnerId, source: &RegionSource) -> Result<OpenedRegion, DmaError> {
+        let region = self.engine.open_region(source)?;
+        let event_handles = self.engine.layer_event_handles(&region);
+        let ring = (!event_handles.is_empty()).then(|| EventRing::new(event_handles.len() as u32));
+        let id = self.next_region;
+        self.next_region += 1;
+        self.regions.insert(
+            id,
+            Opened {
+                owner,
+                region: Arc::new(region),
+                ring,
+            },
+        );
+        self.metrics.engines.set(self.regions.len() as i64);
+        Ok(OpenedRegion { id, event_handles })
+    }
+
+    /// Event slots for a load's layers, when the region has events and the ring has room; a
+    /// load without them is answered only once its copies are done.
+    fn reserve_slots(&mut self, job: &CopyJob) -> Option<(u32, Vec<u32>)> {
+        if job.direction != Direction::Load {
+            return None;
+        }
+        let ring = self.regions.get_mut(&job.region)?.ring.as_mut()?;
+        let layers = job.layers.len() as u32;
+        let first = ring.reserve(layers)?;
+        Some((first, (0..layers).map(|l| ring.slot(first, l)).collect()))
+    }
 }
 
+/// Enqueues every layer (recording its event when `slots` are given), tells `queued`, waits
+/// for the copies, then checksums a save's pages.
 fn run_job<E: DmaEngine>(
     engine: &E,
     arena: &Arena,
     region: &E::Region,
     job: &CopyJob,
+    slots: &[u32],
+    queued: Option<oneshot::Sender<Vec<u32>>>,
 ) -> Result<Vec<u32>, TransferError> {
-    for ops in &job.layers {
+    for (layer, ops) in job.layers.iter().enumerate() {
         engine.copy_layer(region, job.direction, ops)?;
+        if let Some(&slot) = slots.get(layer) {
+            engine.record_layer_event(region, slot)?;
+        }
     }
+    if let Some(queued) = queued {
+        // The caller may have stopped waiting (its session ended); the copies still complete.
+        let _ = queued.send(slots.to_vec());
+    }
+    engine.finish(region, job.direction)?;
     checksum_pages(arena, &job.checksum_pages)
 }
 
@@ -146,7 +209,7 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
 
     async fn handle(
         &self,
-        _myself: ActorRef<TransferMsg>,
+        myself: ActorRef<TransferMsg>,
         message: TransferMsg,
         state: &mut TransferState<E>,
     ) -> Result<(), ActorProcessingErr> {
@@ -155,31 +218,39 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                 owner,
                 source,
                 reply,
-            } => {
-                let opened = state.engine.open_region(&source).map(|region| {
-                    let id = state.next_region;
-                    state.next_region += 1;
-                    state.regions.insert(id, (owner, Arc::new(region)));
-                    id
-                });
-                state.metrics.engines.set(state.regions.len() as i64);
-                drop(reply.send(opened));
-            }
+            } => drop(reply.send(state.open(owner, &source))),
             TransferMsg::CloseOwner { owner } => {
                 // In-flight jobs hold their own reference; the mapping goes when they finish.
-                state.regions.retain(|_, (held_by, _)| *held_by != owner);
+                state.regions.retain(|_, opened| opened.owner != owner);
                 state.metrics.engines.set(state.regions.len() as i64);
             }
-            TransferMsg::Copy { job, reply } => {
-                let Some((_, region)) = state.regions.get(&job.region).cloned() else {
+            TransferMsg::Copy { job, queued, reply } => {
+                let Some(region) = state.regions.get(&job.region).map(|o| o.region.clone()) else {
                     drop(reply.send(Err(TransferError::UnknownRegion(job.region))));
                     return Ok(());
                 };
+                let reserved = state.reserve_slots(&job);
                 let engine = state.engine.clone();
                 let arena = state.arena.clone();
                 tokio::task::spawn_blocking(move || {
-                    drop(reply.send(run_job(&*engine, &arena, &region, &job)));
+                    let slots = reserved.as_ref().map_or(&[][..], |(_, slots)| slots);
+                    let queued = queued.filter(|_| !slots.is_empty());
+                    let result = run_job(&*engine, &arena, &region, &job, slots, queued);
+                    if let Some((first_slot, _)) = reserved {
+                        // Re-recording a slot after this job's copies completed can only make a
+                        // late waiter wait longer (same stream, later copy), never too little.
+                        let _ = myself.cast(TransferMsg::JobDone {
+                            region: job.region,
+                            first_slot,
+                        });
+                    }
+                    drop(reply.send(result));
                 });
+            }
+            TransferMsg::JobDone { region, first_slot } => {
+                if let Some(ring) = state.regions.get_mut(&region).and_then(|o| o.ring.as_mut()) {
+                    ring.release(first_slot);
+                }
             }
         }
         Ok(())

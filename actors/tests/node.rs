@@ -9,7 +9,7 @@ use std::process::Command;
 use pegaflow_actors::client::{Client, ClientError};
 use pegaflow_actors::keys::chain_keys;
 use pegaflow_actors::node::{start, StartError};
-use pegaflow_actors::protocol::ErrorCode;
+use pegaflow_actors::protocol::{ErrorCode, RegionSpec};
 use support::{node, ShmRegion};
 
 fn raw_call(stream: &mut UnixStream, payload: &[u8]) -> rmpv::Value {
@@ -97,10 +97,42 @@ async fn node_errors_name_the_field_and_keep_the_connection() {
         other => panic!("expected layout_mismatch, got {other:?}"),
     }
     let mut missing = region.register_request();
-    missing.region.shm = "pegaflow-test-no-such-region".into();
+    missing.region.shm = Some("pegaflow-test-no-such-region".into());
     match client.register(missing).await {
         Err(ClientError::Node(e)) => assert_eq!(e.code, ErrorCode::RegionUnavailable),
         other => panic!("expected region_unavailable, got {other:?}"),
+    }
+    let mut both = region.register_request();
+    both.region.cuda_ipc = Some(vec![0; 64]);
+    let mut short_handle = region.register_request();
+    short_handle.region = RegionSpec {
+        cuda_ipc: Some(vec![0; 66]),
+        bytes: both.region.bytes,
+        ..RegionSpec::default()
+    };
+    for (bad, field) in [
+        (both, "`region`"),
+        (short_handle, "`region.cuda_ipc`: 66 bytes"),
+    ] {
+        match client.register(bad).await {
+            Err(ClientError::Node(e)) => {
+                assert_eq!(e.code, ErrorCode::BadField);
+                assert!(e.message.contains(field), "{}", e.message);
+            }
+            other => panic!("expected bad_field, got {other:?}"),
+        }
+    }
+    let mut gpu_on_host = region.register_request();
+    gpu_on_host.region = RegionSpec {
+        cuda_ipc: Some(vec![0; 64]),
+        bytes: gpu_on_host.region.bytes,
+        ..RegionSpec::default()
+    };
+    match client.register(gpu_on_host).await {
+        Err(ClientError::Node(e)) => {
+            assert_eq!(e.code, ErrorCode::RegionUnavailable, "{}", e.message)
+        }
+        other => panic!("expected region_unavailable on the host engine, got {other:?}"),
     }
     let engine = client
         .register(region.register_request())

@@ -246,8 +246,9 @@ impl Shape {
         RegisterRequest {
             namespace: self.namespace(),
             region: RegionSpec {
-                shm: region.name.clone(),
+                shm: Some(region.name.clone()),
                 bytes: region.len as u64,
+                ..RegionSpec::default()
             },
             num_blocks: self.region_blocks,
             segment_bytes: self.segment_bytes,

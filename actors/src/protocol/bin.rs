@@ -31,3 +31,57 @@ impl Visitor<'_> for BinVisitor {
         Ok(bytes)
     }
 }
+
+/// Optional byte fields: absent or nil is `None`, anything but `bin` is a wrong type.
+pub mod option {
+    use serde::de::{Deserializer, Error, Visitor};
+    use serde::Serializer;
+
+    /// Writes `Some` as `bin`, `None` as nil.
+    pub fn serialize<S: Serializer>(
+        bytes: &Option<Vec<u8>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(bytes) => serializer.serialize_bytes(bytes),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    /// Reads nil as `None` and `bin` as `Some`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        deserializer.deserialize_option(OptionVisitor)
+    }
+
+    struct OptionVisitor;
+
+    impl<'de> Visitor<'de> for OptionVisitor {
+        type Value = Option<Vec<u8>>;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("nil or msgpack bin bytes")
+        }
+
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            super::deserialize(deserializer).map(Some)
+        }
+    }
+}
+
+/// A byte string inside a list (e.g. event handles), written as `bin`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Bin(#[serde(with = "self")] pub Vec<u8>);

@@ -1,7 +1,7 @@
 //! The connector <-> node socket protocol (docs/protocol.md): framing, typed requests and
 //! replies, and error codes. Nothing here touches actors, so clients and tests reuse it.
 
-mod bin;
+pub mod bin;
 mod codec;
 mod error;
 mod reply;

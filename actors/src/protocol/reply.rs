@@ -24,6 +24,10 @@ pub struct RegisterReply {
     #[serde(with = "super::bin")]
     pub namespace: Vec<u8>,
     pub page_bytes: u64,
+    /// GPU engines: the interprocess event handles a load's `event_slots` index into; the
+    /// connector opens each once. Omitted for engines without a GPU.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_events: Vec<super::bin::Bin>,
 }
 
 /// `lookup`'s answer.
@@ -31,6 +35,13 @@ pub struct RegisterReply {
 pub struct LookupReply {
     pub hits: u32,
     pub lease: Option<u64>,
+    /// How many of the `hits` are on the SSD tier only; omitted when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ssd_hits: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `save`'s answer: what happened to each key, counted.
@@ -39,12 +50,20 @@ pub struct SaveReply {
     pub stored: u32,
     pub present: u32,
     pub dropped: u32,
+    /// Only for a `save` with `persist`: how many of its distinct keys are durable on SSD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persisted: Option<u32>,
 }
 
 /// `load`'s answer: leading blocks copied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadReply {
     pub loaded: u32,
+    /// GPU engines: per loaded layer, the `layer_events` slot recorded after that layer's copy.
+    /// The reply then comes as soon as the copies are enqueued; the engine's stream waits on
+    /// each layer's event. Omitted when the copies were already done before the reply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_slots: Vec<u32>,
 }
 
 /// `release`'s answer.

@@ -16,11 +16,30 @@ pub struct HelloRequest {
     pub client: String,
 }
 
-/// The engine's KV memory as the connector describes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The engine's KV memory as the connector describes it: a POSIX shared-memory name (engines
+/// without a GPU) or a CUDA IPC memory handle (GPU engines); exactly one of the two.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionSpec {
-    pub shm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm: Option<String>,
+    /// `cudaIpcMemHandle_t` of the allocation holding the KV tensors (64 bytes).
+    #[serde(
+        default,
+        with = "super::bin::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cuda_ipc: Option<Vec<u8>>,
+    /// Where the KV buffer starts inside the IPC allocation.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub offset: u64,
+    /// CUDA device ordinal of the allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<u32>,
     pub bytes: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// `register`: one engine's KV region and layout on this connection.
@@ -50,6 +69,9 @@ pub struct BlocksRequest {
     #[serde(with = "super::bin")]
     pub keys: Vec<u8>,
     pub block_ids: Vec<u32>,
+    /// `save` only, optional: reply once the blocks are durable on SSD (ignored by `load`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persist: bool,
 }
 
 /// `release`: ends a lookup lease.

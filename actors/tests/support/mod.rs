@@ -79,8 +79,9 @@ impl ShmRegion {
         RegisterRequest {
             namespace: self.namespace.clone(),
             region: RegionSpec {
-                shm: self.name.clone(),
+                shm: Some(self.name.clone()),
                 bytes: self.map.len() as u64,
+                ..RegionSpec::default()
             },
             num_blocks: self.blocks,
             segment_bytes: self.segment_bytes,

@@ -1,6 +1,9 @@
-//! `load`: copies held pages back into the engine's blocks, layer by layer.
+//! `load`: copies held pages back into the engine's blocks, layer by layer. Blocks on SSD are
+//! promoted into the pool first (all at once), then copied like any other page.
 
 use pegaflow_gpu_dma::Direction;
+use ractor::ActorRef;
+use tokio::sync::oneshot;
 
 use super::BlocksJob;
 use crate::context::ask;
@@ -8,7 +11,7 @@ use crate::pool::{PoolMsg, TransferLease};
 use crate::protocol::{ErrorCode, LoadReply, ProtoError, ReplyBody};
 use crate::transfer::{CopyJob, TransferMsg};
 
-/// Pins the leading held pages, copies them in, and unpins them.
+/// Pins the leading held pages (promoting SSD-resident ones), copies them in, and unpins them.
 pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
     let ctx = &job.ctx;
     let page_bytes = job.engine.layout.page_bytes();
@@ -19,31 +22,74 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
         reply,
     })
     .await?;
-    let _lease = TransferLease::new(ctx.pool.clone(), grant.lease);
+    let lease = TransferLease::new(ctx.pool.clone(), grant.lease);
     let blocks: Vec<(u32, u64)> = job
         .block_ids
         .iter()
         .zip(&grant.pages)
         .map(|(&block, page)| (block, page.extent.offset))
         .collect();
-    if !blocks.is_empty() {
+    let event_slots = if blocks.is_empty() {
+        Vec::new()
+    } else {
         let copy = CopyJob {
             region: job.engine.region,
             direction: Direction::Load,
             layers: job.engine.layout.plan(&blocks),
             checksum_pages: Vec::new(),
         };
-        ask(&ctx.transfer, "transfer", |reply| TransferMsg::Copy {
-            job: copy,
-            reply,
-        })
-        .await?
-        .map_err(|e| ProtoError::new(ErrorCode::Internal, format!("load copy failed: {e}")))?;
-    }
+        copy_in(ctx.transfer.clone(), copy, lease).await?
+    };
     let loaded = blocks.len() as u64;
     ctx.metrics.loaded_blocks_total.inc_by(loaded);
     ctx.metrics.load_bytes_total.inc_by(loaded * page_bytes);
     Ok(ReplyBody::Load(LoadReply {
         loaded: loaded as u32,
+        event_slots,
     }))
+}
+
+/// Runs the copy and returns as early as is safe: once every layer is enqueued with its event
+/// (GPU engines; the engine's stream waits on the events), or once the copies are done (no
+/// events). The pages stay pinned by `lease` until the copies are done either way.
+async fn copy_in(
+    transfer: ActorRef<TransferMsg>,
+    copy: CopyJob,
+    lease: TransferLease,
+) -> Result<Vec<u32>, ProtoError> {
+    let (queued, enqueued) = oneshot::channel();
+    let done = tokio::spawn(async move {
+        let result = ask(&transfer, "transfer", |reply| TransferMsg::Copy {
+            job: copy,
+            queued: Some(queued),
+            reply,
+        })
+        .await;
+        drop(lease);
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ProtoError::new(
+                ErrorCode::Internal,
+                format!("load copy failed: {e}"),
+            )),
+            Err(e) => Err(e),
+        }
+    });
+    match enqueued.await {
+        Ok(slots) => {
+            tokio::spawn(async move {
+                if let Ok(Err(error)) = done.await {
+                    tracing::error!(message = %error.message, "load failed after its layer events were handed out");
+                }
+            });
+            Ok(slots)
+        }
+        Err(_) => match done.await {
+            Ok(result) => result.map(|()| Vec::new()),
+            Err(e) => Err(ProtoError::new(
+                ErrorCode::Internal,
+                format!("load task failed: {e}"),
+            )),
+        },
+    }
 }

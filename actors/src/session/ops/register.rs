@@ -6,9 +6,40 @@ use pegaflow_gpu_dma::RegionSource;
 
 use crate::context::ask;
 use crate::layout::EngineLayout;
-use crate::protocol::{ErrorCode, ProtoError, RegisterReply, RegisterRequest, ReplyBody};
+use crate::protocol::bin::Bin;
+use crate::protocol::{
+    ErrorCode, ProtoError, RegionSpec, RegisterReply, RegisterRequest, ReplyBody,
+};
 use crate::session::{Engine, SessionState};
 use crate::transfer::TransferMsg;
+
+/// Turns the wire's region description into what the copy engine opens.
+fn region_source(spec: &RegionSpec) -> Result<RegionSource, ProtoError> {
+    let bad = |message: String| ProtoError::new(ErrorCode::BadField, message);
+    match (&spec.shm, &spec.cuda_ipc) {
+        (Some(name), None) => Ok(RegionSource::SharedMemory {
+            name: name.clone(),
+            bytes: spec.bytes,
+        }),
+        (None, Some(handle)) => {
+            let handle: [u8; 64] = handle.as_slice().try_into().map_err(|_| {
+                bad(format!(
+                    "field `region.cuda_ipc`: {} bytes given; a cudaIpcMemHandle_t is 64 bytes",
+                    handle.len()
+                ))
+            })?;
+            Ok(RegionSource::CudaIpc {
+                handle,
+                offset: spec.offset,
+                bytes: spec.bytes,
+                device: spec.device.unwrap_or(0),
+            })
+        }
+        _ => Err(bad(
+            "field `region`: give exactly one of `shm` (shared memory) or `cuda_ipc` (GPU)".into(),
+        )),
+    }
+}
 
 /// Registers the engine on this session; the region stays open until the session ends.
 pub async fn handle(
@@ -16,12 +47,9 @@ pub async fn handle(
     req: RegisterRequest,
 ) -> Result<ReplyBody, ProtoError> {
     let layout = EngineLayout::validate(&req, state.ctx.max_page_bytes)?;
-    let source = RegionSource::SharedMemory {
-        name: req.region.shm.clone(),
-        bytes: req.region.bytes,
-    };
+    let source = region_source(&req.region)?;
     let owner = state.id;
-    let region = ask(&state.ctx.transfer, "transfer", |reply| TransferMsg::Open {
+    let opened = ask(&state.ctx.transfer, "transfer", |reply| TransferMsg::Open {
         owner,
         source,
         reply,
@@ -36,7 +64,7 @@ pub async fn handle(
         engine,
         Arc::new(Engine {
             layout,
-            region,
+            region: opened.id,
             namespace,
         }),
     );
@@ -45,5 +73,10 @@ pub async fn handle(
         engine,
         namespace: namespace.to_vec(),
         page_bytes,
+        layer_events: opened
+            .event_handles
+            .iter()
+            .map(|handle| Bin(handle.to_vec()))
+            .collect(),
     }))
 }
