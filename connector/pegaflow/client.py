@@ -49,10 +49,17 @@ class SaveResult:
 class Engine:
     """A registered KV region; valid across reconnects because the client re-registers it."""
 
-    def __init__(self, fields: Mapping[str, Any], namespace: bytes, page_bytes: int) -> None:
+    def __init__(self, fields: Mapping[str, Any], reply: Mapping[str, Any]) -> None:
         self.fields = dict(fields)
-        self.namespace = namespace
-        self.page_bytes = page_bytes
+        self.namespace: bytes = reply["namespace"]
+        self.page_bytes: int = reply["page_bytes"]
+        self.layer_events: list[bytes] = []
+        self.update(reply)
+
+    def update(self, reply: Mapping[str, Any]) -> None:
+        """Takes the per-connection parts of a `register` reply: GPU engines' event handles,
+        which `load` replies' `event_slots` index into (new ones after each re-register)."""
+        self.layer_events = list(reply.get("layer_events", []))
 
     def __repr__(self) -> str:
         shm = self.fields["region"].get("shm")
@@ -267,7 +274,7 @@ class Client:
                     f"node hashed the namespace to {reply['namespace'].hex()}, "
                     f"expected {namespace.digest().hex()}"
                 )
-            engine = Engine(fields, reply["namespace"], reply["page_bytes"])
+            engine = Engine(fields, reply)
             conn.engine_ids[engine] = reply["engine"]
             self._engines.append(engine)
         return engine
@@ -396,6 +403,7 @@ class Client:
                 conn.engine_errors[engine] = exc
                 continue
             conn.engine_ids[engine] = reply["engine"]
+            engine.update(reply)
 
 
 def _transfer_fields(

@@ -44,22 +44,33 @@ def free_port() -> int:
 class NodeProcess:
     """A pegaflow-node child process on a private socket, HTTP port and log file."""
 
-    def __init__(self, workdir: Path, pool_size: int, max_page_size: int | None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        pool_size: int,
+        max_page_size: int | None,
+        ssd: dict[str, str] | None = None,
+        dma: str = "host",
+    ) -> None:
+        self.dma = dma
         self.socket = workdir / "node.sock"
         self.log_path = workdir / "node.log"
         self.http_port = free_port()
         self.pool_size = pool_size
         self.max_page_size = max_page_size
+        self.ssd = ssd or {}  # flag name without "--ssd-" -> value, e.g. {"dir": ..., "size": ...}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         command = [
             str(NODE_BIN), "--socket", str(self.socket),
             "--http-addr", f"127.0.0.1:{self.http_port}", "--pool-size", str(self.pool_size),
-            "--dma", "host", "--log-level", "info",
+            "--dma", self.dma, "--log-level", "info",
         ]  # fmt: skip
         if self.max_page_size is not None:
             command += ["--max-page-size", str(self.max_page_size)]
+        for name, value in self.ssd.items():
+            command += [f"--ssd-{name}", str(value)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -89,6 +100,20 @@ class NodeProcess:
             self.process.kill()
             self.process.wait()
             pytest.fail(f"pegaflow-node ignored SIGTERM for {STOP_TIMEOUT_S} s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup, as a crash."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled metric on /metrics."""
+        _, _, body = http_get(self.http_port, "/metrics")
+        for line in body.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"metric {name} not exported")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20_000:]
@@ -134,10 +159,15 @@ def start_node(
     nodes: list[NodeProcess] = []
     request.node.pegaflow_nodes = nodes
 
-    def start(pool_size: int = 256 << 20, max_page_size: int | None = None) -> NodeProcess:
+    def start(
+        pool_size: int = 256 << 20,
+        max_page_size: int | None = None,
+        ssd: dict[str, str] | None = None,
+        dma: str = "host",
+    ) -> NodeProcess:
         workdir = short_tmp / f"n{len(nodes)}"
         workdir.mkdir()
-        nodes.append(NodeProcess(workdir, pool_size, max_page_size))
+        nodes.append(NodeProcess(workdir, pool_size, max_page_size, ssd, dma))
         nodes[-1].start()
         return nodes[-1]
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..cuda import ipc_region
 from ..keys import Namespace
 
 TORCH_DTYPES = {
@@ -232,11 +233,10 @@ def export_cuda_tensors(tensors: list[torch.Tensor], shape: KvShape) -> Region:
     storage = tensors[0].untyped_storage()
     if any(t.untyped_storage().data_ptr() != storage.data_ptr() for t in tensors):
         raise UnsupportedLayout("KV layers live in more than one CUDA allocation")
-    device, handle, size, offset, *_ = storage._share_cuda_()
     segment = shape.block_size * shape.num_kv_heads * 2 * shape.head_dim
     segment *= tensors[0].element_size()
     return Region(
-        region={"cuda_ipc": bytes(handle), "offset": offset, "bytes": size, "device": device},
+        region=ipc_region(storage),
         num_blocks=tensors[0].shape[0],
         segment_bytes=segment,
         layers=describe_layers(tensors, storage.data_ptr(), segment),

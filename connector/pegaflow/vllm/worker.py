@@ -49,7 +49,6 @@ class _Load:
     future: concurrent.futures.Future[Reply]
     block_ids: list[int]
     deadline: float
-    events: list[Any] | None = None  # GPU engines: the node's per-layer copy events
 
 
 class WorkerSide:
@@ -73,6 +72,7 @@ class WorkerSide:
         self.region: Region | None = None
         self.engine: Engine | None = None
         self.link = NodeLink(config, "worker", on_connect=self._register)
+        self._events: tuple[tuple[bytes, ...], list[Any]] = ((), [])
         self.stats = WorkerStats()
         self._tokens: dict[str, list[int]] = {}
         self._keys: dict[str, list[bytes]] = {}
@@ -204,15 +204,23 @@ class WorkerSide:
         return done or None
 
     def _copies_done(self, load: _Load, reply: Reply) -> bool:
-        """GPU engines: the node answers when the copies are queued; its per-layer interprocess
-        events say when they ran. Host engines copy before answering."""
-        handles = reply.get("layer_events")
-        if not handles or self.region is None or self.region.device.type != "cuda":
+        """GPU engines: the node answers when the copies are queued, with the event slot it
+        records after each layer; the last layer's event says the whole load ran (one stream,
+        in order). Host engines copy before answering."""
+        slots = reply.get("event_slots")
+        if not slots or self.engine is None or self.region is None:
             return True
-        if load.events is None:
+        return self._layer_events()[slots[-1]].query()
+
+    def _layer_events(self) -> list[Any]:
+        """The node's events for this engine, opened once per registration (a re-register after
+        a node restart brings new handles)."""
+        assert self.engine is not None and self.region is not None
+        handles = tuple(self.engine.layer_events)
+        if self._events[0] != handles:
             device = self.region.device
-            load.events = [torch.cuda.Event.from_ipc_handle(device, h) for h in handles]
-        return all(event.query() for event in load.events)
+            self._events = (handles, [torch.cuda.Event.from_ipc_handle(device, h) for h in handles])
+        return self._events[1]
 
     def load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
