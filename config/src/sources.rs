@@ -24,7 +24,11 @@ const CONFIG_ENV: &str = "PEGAFLOW_CONFIG";
 /// Variables of PegaFlow's own tools (test harnesses, the connector) that share the prefix but
 /// configure something other than the node, so a node started from their environment runs.
 /// Every other `PEGAFLOW_*` variable must be a config key: a typo is an error, not ignored.
-pub(crate) const TOOLING_ENV: [&str; 2] = ["PEGAFLOW_NODE_BIN", "PEGAFLOW_SKIP_VLLM"];
+pub(crate) const TOOLING_ENV: [&str; 3] = [
+    "PEGAFLOW_NODE_BIN",
+    "PEGAFLOW_SKIP_VLLM",
+    "PEGAFLOW_SKIP_SGLANG",
+];
 
 /// One value set by an environment variable or a flag.
 struct Override {

@@ -475,6 +475,7 @@ fn unknown_keys_are_errors() {
         ("PEGAFLOWX", "1"),
         ("PEGAFLOW_NODE_BIN", "/opt/pegaflow-node"),
         ("PEGAFLOW_SKIP_VLLM", "1"),
+        ("PEGAFLOW_SKIP_SGLANG", "1"),
     ]);
     assert!(load_from(&ConfigArgs::default(), vars).is_ok());
 }
