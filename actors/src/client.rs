@@ -144,5 +144,6 @@ fn blocks(engine: u32, keys: &[BlockKey], block_ids: &[u32]) -> BlocksRequest {
         keys: join_keys(keys),
         block_ids: block_ids.to_vec(),
         persist: false,
+        after_events: Vec::new(),
     }
 }

@@ -23,6 +23,16 @@ pub struct CopyJob {
     pub layers: Vec<Vec<CopyOp>>,
     /// Pages `(arena offset, bytes)` to checksum once a save's copies are done.
     pub checksum_pages: Vec<(u64, u64)>,
+    /// Per layer, the engine event slot whose firing that layer's copies wait for (GPU-side; a
+    /// save whose engine did not synchronize its stream). Empty: start at once.
+    pub wait_events: Vec<u32>,
+}
+
+impl CopyJob {
+    /// Bytes the job moves, over every layer.
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().flatten().map(|op| op.len).sum()
+    }
 }
 
 /// Why a copy job failed.
@@ -98,6 +108,7 @@ pub struct TransferState<E: DmaEngine> {
 impl<E: DmaEngine> TransferState<E> {
     /// State for an engine copying into `arena`.
     pub fn new(engine: E, arena: Arc<Arena>, metrics: Arc<Metrics>) -> Self {
+        metrics.add_device(engine.name());
         Self {
             engine: Arc::new(engine),
             arena,
@@ -105,6 +116,11 @@ impl<E: DmaEngine> TransferState<E> {
             regions: HashMap::new(),
             next_region: 1,
         }
+    }
+
+    /// The copy engine, for node-level watchers (pinning progress).
+    pub fn engine(&self) -> &Arc<E> {
+        &self.engine
     }
 
     fn open(&mut self, owner: OwnerId, source: &RegionSource) -> Result<OpenedRegion, DmaError> {
@@ -138,8 +154,9 @@ impl<E: DmaEngine> TransferState<E> {
     }
 }
 
-/// Enqueues every layer (recording its event when `slots` are given), tells `queued`, waits
-/// for the copies, then checksums a save's pages.
+/// Enqueues every layer (after a wait on the engine's event of that layer when the job names one,
+/// recording a load event after it when `slots` are given), tells `queued`, waits for the
+/// copies, then checksums a save's pages.
 fn run_job<E: DmaEngine>(
     engine: &E,
     arena: &Arena,
@@ -149,6 +166,9 @@ fn run_job<E: DmaEngine>(
     queued: Option<oneshot::Sender<Vec<u32>>>,
 ) -> Result<Vec<u32>, TransferError> {
     for (layer, ops) in job.layers.iter().enumerate() {
+        if let Some(&slot) = job.wait_events.get(layer) {
+            engine.wait_engine_event(region, slot)?;
+        }
         engine.copy_layer(region, job.direction, ops)?;
         if let Some(&slot) = slots.get(layer) {
             engine.record_layer_event(region, slot)?;
@@ -232,10 +252,20 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                 let reserved = state.reserve_slots(&job);
                 let engine = state.engine.clone();
                 let arena = state.arena.clone();
+                let metrics = state.metrics.clone();
                 tokio::task::spawn_blocking(move || {
                     let slots = reserved.as_ref().map_or(&[][..], |(_, slots)| slots);
                     let queued = queued.filter(|_| !slots.is_empty());
+                    let started = std::time::Instant::now();
                     let result = run_job(&*engine, &arena, &region, &job, slots, queued);
+                    if result.is_ok() {
+                        metrics.transfer_done(
+                            engine.name(),
+                            job.direction,
+                            job.bytes(),
+                            started.elapsed(),
+                        );
+                    }
                     if let Some((first_slot, _)) = reserved {
                         // Re-recording a slot after this job's copies completed can only make a
                         // late waiter wait longer (same stream, later copy), never too little.

@@ -9,7 +9,8 @@ use std::process::Command;
 use pegaflow_actors::client::{Client, ClientError};
 use pegaflow_actors::keys::chain_keys;
 use pegaflow_actors::node::{start, StartError};
-use pegaflow_actors::protocol::{ErrorCode, RegionSpec};
+use pegaflow_actors::protocol::bin::Bin;
+use pegaflow_actors::protocol::{BlocksRequest, ErrorCode, RegionSpec, Request, SaveReply};
 use support::{node, ShmRegion};
 
 fn raw_call(stream: &mut UnixStream, payload: &[u8]) -> rmpv::Value {
@@ -153,6 +154,35 @@ async fn node_errors_name_the_field_and_keep_the_connection() {
     match client.release(999).await {
         Err(ClientError::Node(e)) => assert_eq!(e.code, ErrorCode::UnknownLease),
         other => panic!("expected unknown_lease, got {other:?}"),
+    }
+    let mut events_on_shm = region.register_request();
+    events_on_shm.engine_events = vec![Bin(vec![0; 64])];
+    match client.register(events_on_shm).await {
+        Err(ClientError::Node(e)) => {
+            assert_eq!(e.code, ErrorCode::BadField);
+            assert!(e.message.contains("`engine_events`"), "{}", e.message);
+        }
+        other => panic!("expected bad_field for events on a shared-memory region, got {other:?}"),
+    }
+    // The region has 2 layers and no engine events.
+    for (after_events, code, field) in [
+        (vec![0], ErrorCode::BadField, "1 slots for 2 layers"),
+        (vec![0, 0], ErrorCode::OutOfRange, "`after_events[0]`"),
+    ] {
+        let save = Request::Save(BlocksRequest {
+            engine,
+            keys: vec![1; 32],
+            block_ids: vec![3],
+            persist: false,
+            after_events,
+        });
+        match client.call::<SaveReply>(save).await {
+            Err(ClientError::Node(e)) => {
+                assert_eq!(e.code, code);
+                assert!(e.message.contains(field), "{}", e.message);
+            }
+            other => panic!("expected {code:?} for after_events, got {other:?}"),
+        }
     }
     assert_eq!(
         client

@@ -257,15 +257,23 @@ class Client:
         num_blocks: int,
         segment_bytes: int,
         layers: Sequence[Sequence[Sequence[int]]],
+        engine_events: Sequence[bytes] = (),
     ) -> Engine:
-        """Registers a KV region; the handle stays valid across reconnects."""
-        fields = {
+        """Registers a KV region; the handle stays valid across reconnects.
+
+        GPU engines may pass `engine_events`: the 64-byte interprocess handles of events they
+        created once (`torch.cuda.Event(interprocess=True).ipc_handle()`), which a `save`'s
+        `after_events` then name so the node waits for the engine's writes GPU-side.
+        """
+        fields: dict[str, Any] = {
             "namespace": namespace.to_wire(),
             "region": dict(region),
             "num_blocks": num_blocks,
             "segment_bytes": segment_bytes,
             "layers": [[list(segment) for segment in layer] for layer in layers],
         }
+        if engine_events:
+            fields["engine_events"] = [bytes(handle) for handle in engine_events]
         with self._state_lock:  # a reconnect meanwhile must see this engine in the list
             conn = self._connect_locked()
             reply = self._wait(conn, conn.send("register", fields), "register", self.timeout)
@@ -283,8 +291,19 @@ class Client:
         reply = self._call("lookup", keys=keys, lease=lease)
         return LookupResult(reply["hits"], reply.get("lease"))
 
-    def save(self, engine: Engine, keys: Sequence[bytes], block_ids: Sequence[int]) -> SaveResult:
-        reply = self._call("save", **_transfer_fields(engine, keys, block_ids))
+    def save(
+        self,
+        engine: Engine,
+        keys: Sequence[bytes],
+        block_ids: Sequence[int],
+        after_events: Sequence[int] = (),
+    ) -> SaveResult:
+        """Copies blocks into the node; `after_events`: per layer, the `engine_events` slot
+        recorded after the engine wrote that layer (the node's copy waits on it, GPU-side)."""
+        fields = _transfer_fields(engine, keys, block_ids)
+        if after_events:
+            fields["after_events"] = list(after_events)
+        reply = self._call("save", **fields)
         return SaveResult(reply["stored"], reply["present"], reply["dropped"])
 
     def load(self, engine: Engine, keys: Sequence[bytes], block_ids: Sequence[int]) -> int:

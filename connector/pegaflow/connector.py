@@ -123,7 +123,10 @@ class PegaKVConnector(KVConnectorBase_V1):
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
     ) -> None:
-        """Pages hold every layer, so saves happen once per step in `wait_for_save`."""
+        """Pages hold every layer, so saves are sent once per step in `wait_for_save`; GPU
+        engines mark here, with an event, where on the stream this layer's writes end."""
+        if self.worker is not None:
+            self.worker.record_layer(layer_name)
 
     def wait_for_save(self) -> None:
         if self.worker is not None:

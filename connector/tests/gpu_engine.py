@@ -2,6 +2,10 @@
 allocation, block-major `vllm_lbnhc`), registered with the node by CUDA IPC.
 
 `save`: fills the buffer with random bytes, saves some blocks, writes them to a file, exits.
+`save-events`: registers its own per-layer interprocess events, writes each layer with a GPU
+copy on its stream (behind a long GPU sleep) and records that layer's event, and sends the save
+with `after_events` at once, without any host synchronization: the bytes are only right if the
+node's copies waited on the events GPU-side.
 `load`: registers a fresh buffer, loads the blocks into other block ids, and reads each layer on
 its own stream after waiting (GPU-side) on the node's event for that layer; then compares.
 """
@@ -25,35 +29,65 @@ SEGMENT = BLOCK_SIZE * HEADS * 2 * HEAD_DIM * 2  # one block of one layer, bf16
 NAMESPACE = Namespace(model="pegaflow-gpu-test", dtype="bf16", layout="vllm_lbnhc",
                       block_size=BLOCK_SIZE, num_layers=LAYERS, num_kv_heads=HEADS,
                       head_dim=HEAD_DIM)  # fmt: skip
-KEYS = chain_keys(NAMESPACE.digest(), list(range(len(SAVED_BLOCKS) * BLOCK_SIZE)), BLOCK_SIZE)
+# GPU cycles the `save-events` stream sleeps before its writes (~0.25 s at H100 clocks): long
+# after the save request reached the node.
+SLEEP_CYCLES = 500_000_000
 
 
-def register(client: Client, kv: torch.Tensor) -> Engine:
+def keys(first_token: int) -> list[bytes]:
+    tokens = list(range(first_token, first_token + len(SAVED_BLOCKS) * BLOCK_SIZE))
+    return chain_keys(NAMESPACE.digest(), tokens, BLOCK_SIZE)
+
+
+def register(client: Client, kv: torch.Tensor, engine_events: list[bytes] | None = None) -> Engine:
     layers = [[[layer * BLOCKS * SEGMENT, SEGMENT]] for layer in range(LAYERS)]
     return client.register(NAMESPACE, region=ipc_region(kv.untyped_storage()), num_blocks=BLOCKS,
-                           segment_bytes=SEGMENT, layers=layers)  # fmt: skip
+                           segment_bytes=SEGMENT, layers=layers,
+                           engine_events=engine_events or [])  # fmt: skip
 
 
-def save(client: Client, path: str) -> int:
+def save(client: Client, path: str, keys: list[bytes]) -> int:
     kv = torch.empty((LAYERS, BLOCKS, BLOCK_SIZE, HEADS, 2 * HEAD_DIM), dtype=torch.bfloat16,
                      device="cuda")  # fmt: skip
     kv.view(torch.int16).random_(-(2**15), 2**15 - 1)
     torch.cuda.synchronize()
     engine = register(client, kv)
-    result = client.save(engine, KEYS, SAVED_BLOCKS)
+    result = client.save(engine, keys, SAVED_BLOCKS)
     torch.save(kv[:, SAVED_BLOCKS].cpu(), path)
     print(f"saved {result.stored} blocks")
     return 0 if result.stored == len(SAVED_BLOCKS) else 1
 
 
-def load(client: Client, path: str) -> int:
+def save_after_events(client: Client, path: str, keys: list[bytes]) -> int:
+    shape = (LAYERS, BLOCKS, BLOCK_SIZE, HEADS, 2 * HEAD_DIM)
+    kv = torch.zeros(shape, dtype=torch.bfloat16, device="cuda")
+    src = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    src.view(torch.int16).random_(-(2**15), 2**15 - 1)
+    events = [torch.cuda.Event(interprocess=True) for _ in range(LAYERS)]
+    handles = [bytes(event.ipc_handle()) for event in events]
+    torch.cuda.synchronize()
+    engine = register(client, kv, handles)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        for layer in range(LAYERS):
+            kv[layer].copy_(src[layer])
+            events[layer].record(stream)
+    busy = not stream.query()
+    result = client.save(engine, keys, SAVED_BLOCKS, after_events=list(range(LAYERS)))
+    torch.save(src[:, SAVED_BLOCKS].cpu(), path)
+    print(f"saved {result.stored} blocks after events; stream busy at send: {busy}")
+    return 0 if result.stored == len(SAVED_BLOCKS) and busy else 1
+
+
+def load(client: Client, path: str, keys: list[bytes]) -> int:
     kv = torch.zeros((LAYERS, BLOCKS, BLOCK_SIZE, HEADS, 2 * HEAD_DIM), dtype=torch.bfloat16,
                      device="cuda")  # fmt: skip
     engine = register(client, kv)
     events = [torch.cuda.Event.from_ipc_handle(kv.device, h) for h in engine.layer_events]
-    reply = client.submit("load", engine=engine, keys=KEYS, block_ids=LOADED_INTO).result()
+    reply = client.submit("load", engine=engine, keys=keys, block_ids=LOADED_INTO).result()
     slots = reply.get("event_slots", [])
-    if reply["loaded"] != len(KEYS) or len(slots) != LAYERS:
+    if reply["loaded"] != len(keys) or len(slots) != LAYERS:
         print(f"load reply {reply['loaded']} blocks, event slots {slots}")
         return 1
     stream = torch.cuda.Stream()
@@ -71,18 +105,20 @@ def load(client: Client, path: str) -> int:
     if wrong or kv[:, untouched].view(torch.int16).any():
         print(f"layers with wrong bytes: {wrong}")
         return 1
-    print(f"loaded {LAYERS} layers x {len(KEYS)} blocks byte-exact, each read after its event")
+    print(f"loaded {LAYERS} layers x {len(keys)} blocks byte-exact, each read after its event")
     return 0
 
 
 def main() -> int:
+    modes = {"save": save, "save-events": save_after_events, "load": load}
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["save", "load"])
+    parser.add_argument("mode", choices=list(modes))
     parser.add_argument("--socket", required=True)
     parser.add_argument("--blocks-file", required=True)
+    parser.add_argument("--first-token", type=int, default=0, help="token ids the keys chain")
     args = parser.parse_args()
     with Client(args.socket) as client:
-        return (save if args.mode == "save" else load)(client, args.blocks_file)
+        return modes[args.mode](client, args.blocks_file, keys(args.first_token))
 
 
 if __name__ == "__main__":

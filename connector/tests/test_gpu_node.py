@@ -1,6 +1,8 @@
 """The CUDA data path end to end on a GPU machine: one torch process registers its KV buffer
 by CUDA IPC, saves blocks and exits; a second loads them into other block ids, layer by layer,
-its stream waiting on the node's per-layer events. Run with `pytest -m gpu` where a GPU is."""
+its stream waiting on the node's per-layer events. A save may also be sent before the engine's
+stream wrote the blocks, naming the engine's per-layer events for the node to wait on. Run with
+`pytest -m gpu` where a GPU is."""
 
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ from conftest import CONNECTOR_DIR, NodeProcess
 ENGINE = Path(__file__).parent / "gpu_engine.py"
 
 
-def run_engine(node: NodeProcess, mode: str, blocks_file: Path) -> str:
+def run_engine(node: NodeProcess, mode: str, blocks_file: Path, first_token: int = 0) -> str:
     result = subprocess.run(
         [sys.executable, str(ENGINE), mode, "--socket", str(node.socket),
-         "--blocks-file", str(blocks_file)],
+         "--blocks-file", str(blocks_file), "--first-token", str(first_token)],
         capture_output=True, text=True, timeout=120, check=False,
         env={"PYTHONPATH": str(CONNECTOR_DIR), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
@@ -36,4 +38,17 @@ def test_gpu_blocks_outlive_their_engine_and_load_layer_by_layer(
     blocks_file = tmp_path / "saved.pt"
     assert "saved 8 blocks" in run_engine(node, "save", blocks_file)
     assert "byte-exact" in run_engine(node, "load", blocks_file)
+    assert node.stats()["pool"]["leased_bytes"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.integration
+def test_gpu_save_waits_on_the_engines_layer_events(
+    start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    node = start_node(dma="cuda")
+    blocks_file = tmp_path / "saved.pt"
+    out = run_engine(node, "save-events", blocks_file, first_token=100_000)
+    assert "saved 8 blocks after events; stream busy at send: True" in out
+    assert "byte-exact" in run_engine(node, "load", blocks_file, first_token=100_000)
     assert node.stats()["pool"]["leased_bytes"] == 0

@@ -274,6 +274,7 @@ def bad_requests(engine: int, region: HostKvRegion) -> list[tuple[str, dict[str,
     key = prompt_keys(region.namespace, 77, 1)[0]
     fields = region.register_fields()
     transfer = {"engine": engine, "keys": key}
+    layers = region.namespace.num_layers  # a shared-memory region has no engine events
     return [
         ("frobnicate", {}, UNKNOWN_OP, "frobnicate"),
         ("hello", {"v": 2, "client": "raw"}, UNSUPPORTED_VERSION, "2"),
@@ -285,6 +286,19 @@ def bad_requests(engine: int, region: HostKvRegion) -> list[tuple[str, dict[str,
         ("lookup", {"keys": key + b"\x00"}, BAD_KEY, "keys"),
         ("save", {**transfer, "keys": key * 2, "block_ids": [0]}, BAD_KEY, "keys"),
         ("save", {**transfer, "block_ids": [region.num_blocks]}, OUT_OF_RANGE, "block_ids[0]"),
+        (
+            "save",
+            {**transfer, "block_ids": [0], "after_events": [0] * (layers + 1)},
+            BAD_FIELD,
+            "after_events",
+        ),
+        (
+            "save",
+            {**transfer, "block_ids": [0], "after_events": [0] * layers},
+            OUT_OF_RANGE,
+            "after_events[0]",
+        ),
+        ("register", {**fields, "engine_events": [bytes(64)]}, BAD_FIELD, "engine_events"),
         (
             "load",
             {**transfer, "engine": engine + 1000, "block_ids": [0]},

@@ -80,6 +80,18 @@ pub trait DmaEngine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Makes the copies of a save enqueued after this call wait until the engine's event `slot`
+    /// (one of the `engine_events` the region was opened with) has fired: the CUDA engine issues
+    /// `cuStreamWaitEvent` on the save stream, so the engine records an event after writing a
+    /// layer and asks for the save without synchronizing its stream, and no thread blocks.
+    ///
+    /// The default does nothing: the host engine's regions are written by the engine's CPU before
+    /// it sends the save.
+    fn wait_engine_event(&self, region: &Self::Region, slot: u32) -> Result<(), DmaError> {
+        let _ = (region, slot);
+        Ok(())
+    }
+
     /// The interprocess event handles (`cuIpcGetEventHandle`) of the region's event ring, slot by
     /// slot, for the connector to open; empty for engines without events.
     fn layer_event_handles(&self, region: &Self::Region) -> Vec<[u8; 64]> {

@@ -180,6 +180,7 @@ mod tests {
                 offset: 0,
                 bytes: 4096,
                 device: 0,
+                engine_events: Vec::new(),
             })
             .unwrap_err();
         assert!(

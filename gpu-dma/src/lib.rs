@@ -12,7 +12,8 @@
 //!
 //! Modules hold one concept each: [`arena`](Arena) (pool memory), `region` (what a region is and
 //! how a shared-memory one is opened), `engine` (the trait and its op types), `host` (the host
-//! engine), `cuda` (the CUDA engine, itself split by concept), `error`.
+//! engine), `cuda` (the CUDA engine, itself split by concept), `numa` (where the arena's pages
+//! go), `error`.
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!(
@@ -24,6 +25,7 @@ mod cuda;
 mod engine;
 mod error;
 mod host;
+mod numa;
 mod region;
 
 pub use arena::Arena;

@@ -44,6 +44,11 @@ pub enum RegionSource {
         bytes: u64,
         /// The CUDA device ordinal the memory lives on, as the engine process numbers it.
         device: u32,
+        /// Interprocess event handles (`cudaIpcGetEventHandle`) of the engine's own per-layer
+        /// events, a ring the engine created once; a save waits GPU-side on one slot per layer
+        /// ([`crate::DmaEngine::wait_engine_event`]) instead of the engine synchronizing its stream
+        /// before asking. Empty when the engine sends none.
+        engine_events: Vec<[u8; 64]>,
     },
 }
 

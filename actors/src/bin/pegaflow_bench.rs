@@ -255,6 +255,7 @@ impl Shape {
             layers: (0..u64::from(self.layers))
                 .map(|layer| vec![(layer * layer_bytes, self.segment_bytes)])
                 .collect(),
+            engine_events: Vec::new(),
         }
     }
 }

@@ -142,3 +142,38 @@ fn bad_requests_name_the_problem() {
     assert_eq!(err.error.code, ErrorCode::BadField);
     assert!(err.error.message.contains("keys"), "{}", err.error.message);
 }
+
+#[test]
+fn gpu_event_fields_are_optional_and_omitted_when_empty() {
+    let save = |after_events: Vec<u32>| {
+        Request::Save(BlocksRequest {
+            engine: 1,
+            keys: vec![7; 32],
+            block_ids: vec![2],
+            persist: false,
+            after_events,
+        })
+    };
+    let plain = encode_request(5, &save(Vec::new())).expect("encode");
+    let value = rmpv::decode::read_value(&mut plain.as_slice()).expect("msgpack");
+    let has_key = |value: &rmpv::Value, key: &str| {
+        value
+            .as_map()
+            .expect("map")
+            .iter()
+            .any(|(k, _)| k.as_str() == Some(key))
+    };
+    assert!(!has_key(&value, "after_events"), "{value}");
+    assert_eq!(
+        decode_request(&plain).expect("decode"),
+        (5, save(Vec::new()))
+    );
+
+    let waiting = encode_request(6, &save(vec![0, 1])).expect("encode");
+    let value = rmpv::decode::read_value(&mut waiting.as_slice()).expect("msgpack");
+    assert!(has_key(&value, "after_events"), "{value}");
+    assert_eq!(
+        decode_request(&waiting).expect("decode"),
+        (6, save(vec![0, 1]))
+    );
+}

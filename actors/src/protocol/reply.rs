@@ -75,7 +75,8 @@ pub struct ReleaseReply {
 /// `stats`'s answer: the same document as `GET /api/stats`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatsReply {
-    pub stats: NodeStats,
+    /// Boxed: the document is large and most replies are not stats.
+    pub stats: Box<NodeStats>,
 }
 
 /// A successful reply of any op.

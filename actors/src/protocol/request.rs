@@ -51,6 +51,10 @@ pub struct RegisterRequest {
     pub segment_bytes: u64,
     /// Per layer, its segments as `(offset, block_stride)` in bytes.
     pub layers: Vec<Vec<(u64, u64)>>,
+    /// GPU engines, optional: interprocess event handles (64 bytes each) of a ring of events the
+    /// engine created once; a `save`'s `after_events` name slots of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engine_events: Vec<super::bin::Bin>,
 }
 
 /// `lookup`: how long a prefix of these keys the node holds.
@@ -72,6 +76,11 @@ pub struct BlocksRequest {
     /// `save` only, optional: reply once the blocks are durable on SSD (ignored by `load`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub persist: bool,
+    /// `save` only, optional: per layer, the slot of the register's `engine_events` the engine
+    /// recorded after writing that layer; the node's copy of layer `L` waits on it GPU-side.
+    /// Empty: the engine's writes are complete already (ignored by `load`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_events: Vec<u32>,
 }
 
 /// `release`: ends a lookup lease.

@@ -38,6 +38,8 @@ pub struct Engine {
     pub layout: EngineLayout,
     pub region: RegionId,
     pub namespace: BlockKey,
+    /// How many `engine_events` the engine registered: a save's `after_events` index them.
+    pub engine_events: u32,
 }
 
 /// Messages a session handles.

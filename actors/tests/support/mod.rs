@@ -1,5 +1,8 @@
 //! Shared test scaffolding: an in-process node on a temp socket and a shared-memory KV region.
 
+// Each test binary uses a subset of these helpers.
+#![allow(dead_code)]
+
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 
@@ -92,6 +95,7 @@ impl ShmRegion {
                         .collect()
                 })
                 .collect(),
+            engine_events: Vec::new(),
         }
     }
 

@@ -2,7 +2,9 @@
 
 Loads are asynchronous: submitted when the scheduler parks a request, reported finished (with
 any blocks that did not arrive) once the node answered, so vLLM recomputes what is missing.
-Saves finish inside `wait_for_save`, before vLLM may reuse the blocks.
+Saves finish inside `wait_for_save`, before vLLM may reuse the blocks. On a GPU the worker records
+an interprocess event per layer in `save_kv_layer` and the node's copies wait on them GPU-side,
+so `wait_for_save` never synchronizes the engine's stream.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ class WorkerSide:
         self.engine: Engine | None = None
         self.link = NodeLink(config, "worker", on_connect=self._register)
         self._events: tuple[tuple[bytes, ...], list[Any]] = ((), [])
+        # GPU: one interprocess event per layer, created once; the node opens their handles.
+        self._layer_index: dict[str, int] = {}
+        self._save_events: list[torch.cuda.Event] = []
+        self._save_handles: list[bytes] = []
+        self._recorded: set[int] = set()  # layers whose event was recorded this step
+        self._saving = False  # this step's metadata has saves
         self.stats = WorkerStats()
         self._tokens: dict[str, list[int]] = {}
         self._keys: dict[str, list[bytes]] = {}
@@ -87,7 +95,7 @@ class WorkerSide:
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         """Describes (CPU: moves into shared memory) the KV tensors, then registers them."""
-        _, tensors = layer_tensors(kv_caches)
+        names, tensors = layer_tensors(kv_caches)
         try:
             shape = shape_of_tensors(tensors)
             if shape != self.expected:
@@ -96,6 +104,7 @@ class WorkerSide:
                 )
             if tensors[0].is_cuda:
                 self.region = export_cuda_tensors(tensors, shape)
+                self._create_save_events(names, tensors[0].device)
             else:
                 self.region = share_cpu_tensors(tensors, self._layer_views(), shape)
         except UnsupportedLayout as exc:
@@ -103,6 +112,15 @@ class WorkerSide:
             return
         self.namespace = shape.namespace(self.model, self.tp_rank, self.tp_size, 0)
         self.link.client()
+
+    def _create_save_events(self, names: list[str], device: torch.device) -> None:
+        """The event ring a save's `after_events` index: slot `i` is layer `i`'s. Re-recording
+        a slot next step is safe because `save` waits for the node's reply, and the node issued
+        its waits before replying."""
+        self._layer_index = {name: index for index, name in enumerate(names)}
+        with torch.cuda.device(device):
+            self._save_events = [torch.cuda.Event(interprocess=True) for _ in names]
+            self._save_handles = [bytes(event.ipc_handle()) for event in self._save_events]
 
     def _layer_views(self) -> Iterable[torch.Tensor]:
         """Tensors the attention layers hold; they must follow the KV buffer into shared memory."""
@@ -121,6 +139,7 @@ class WorkerSide:
             num_blocks=self.region.num_blocks,
             segment_bytes=self.region.segment_bytes,
             layers=self.region.layers,
+            engine_events=self._save_handles,
         )
         log.info(
             "PegaFlow worker: registered %d layers x %d blocks (%s, %s) with %s",
@@ -153,6 +172,8 @@ class WorkerSide:
 
     def start_loads(self, meta: PegaMetadata) -> None:
         self.apply_chains(meta)
+        self._saving = bool(meta.saves)
+        self._recorded.clear()
         for transfer in meta.loads:
             future = self._submit("load", transfer)
             if future is None:
@@ -161,14 +182,30 @@ class WorkerSide:
                 deadline = time.monotonic() + self.config.load_timeout_s
                 self._loads[transfer.req_id] = _Load(future, transfer.block_ids, deadline)
 
+    def record_layer(self, layer_name: str) -> None:
+        """GPU: marks, on the current stream, where this step's writes to the layer end; the
+        node's copy of the layer waits on it. Only in steps that save, and never while a CUDA
+        graph is being captured (the record would become part of the graph)."""
+        index = self._layer_index.get(layer_name)
+        if not self._saving or index is None or torch.cuda.is_current_stream_capturing():
+            return
+        assert self.region is not None
+        self._save_events[index].record(torch.cuda.current_stream(self.region.device))
+        self._recorded.add(index)
+
     def save(self, meta: PegaMetadata) -> None:
         """Saves the step's newly full blocks and waits, so vLLM can reuse them afterwards."""
         self.apply_chains(meta)
+        recorded, self._recorded = self._recorded, set()
         if not meta.saves or self.engine is None:
             return
+        after_events: list[int] = []
         if self.region is not None and self.region.device.type == "cuda":
-            torch.cuda.current_stream(self.region.device).synchronize()
-        sent = [(t, self._submit("save", t)) for t in meta.saves]
+            if self._save_events and len(recorded) == len(self._save_events):
+                after_events = list(range(len(self._save_events)))
+            else:  # a layer's event is missing: the node cannot wait GPU-side for it
+                torch.cuda.current_stream(self.region.device).synchronize()
+        sent = [(t, self._submit("save", t, after_events)) for t in meta.saves]
         deadline = time.monotonic() + self.config.save_timeout_s
         for transfer, future in sent:
             reply = None
@@ -231,17 +268,21 @@ class WorkerSide:
         self._load_errors.update(block_ids)
         self.stats.load_error_blocks += len(block_ids)
 
-    def _submit(self, op: str, transfer: Transfer) -> concurrent.futures.Future[Reply] | None:
+    def _submit(
+        self, op: str, transfer: Transfer, after_events: list[int] | None = None
+    ) -> concurrent.futures.Future[Reply] | None:
         if self.engine is None:
             self.link.client()  # (re)connecting registers the region
         keys = self._chain(transfer.req_id, transfer.first_block + len(transfer.block_ids))
         if self.engine is None or keys is None:
             return None
+        extra = {"after_events": after_events} if after_events else {}
         return self.link.submit(
             op,
             engine=self.engine,
             keys=keys[transfer.first_block :],
             block_ids=transfer.block_ids,
+            **extra,
         )
 
     def _chain(self, req_id: str, blocks: int) -> list[bytes] | None:

@@ -728,6 +728,7 @@ fn ipc_selftest(path: &str) -> BenchResult<()> {
         offset: x.offset,
         bytes: x.bytes,
         device: x.device,
+        engine_events: Vec::new(),
     })?;
     let plan = |blocks: &[u64]| -> Vec<Vec<CopyOp>> {
         (0..x.layers)

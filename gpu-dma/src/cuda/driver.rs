@@ -100,3 +100,20 @@ pub(crate) fn bind(ctx: &CudaContext) -> Result<(), DmaError> {
     ctx.bind_to_thread()
         .map_err(|e| cuda_err("cuCtxSetCurrent", e))
 }
+
+/// The PCI bus id of the context's device as the driver formats it (e.g. `0000:1B:00.0`), to
+/// find the device's NUMA node in sysfs.
+pub(crate) fn pci_bus_id(ctx: &CudaContext) -> Result<String, DmaError> {
+    let mut buf = [0 as std::ffi::c_char; 64];
+    // SAFETY: the driver writes at most `len` bytes into `buf`, NUL-terminated.
+    check(
+        unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, ctx.cu_device()) },
+        || "cuDeviceGetPCIBusId".into(),
+    )?;
+    let bytes: Vec<u8> = buf
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}

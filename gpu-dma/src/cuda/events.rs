@@ -13,6 +13,12 @@
 //! handed out twice while reserved, because `cudaStreamWaitEvent` waits for the most recent record
 //! at the time of the wait call: re-recording a slot before the engine issued its wait would make
 //! it wait for the wrong copy.
+//!
+//! Saves go the other way: the engine records its own interprocess event after writing each
+//! layer and sends their handles at register ([`EngineEvents`], opened here once); a save names
+//! one slot per layer and the save stream waits on it before copying that layer. The engine
+//! re-recording a slot before the node's wait was issued only makes the save wait for a later
+//! point of the same engine stream, never too little.
 
 use std::sync::Arc;
 
@@ -155,6 +161,69 @@ impl Drop for LayerEvents {
         }
         for &event in &self.events {
             // SAFETY: created in `new`; the region is going away, so nothing records it again.
+            unsafe { sys::cuEventDestroy_v2(event) };
+        }
+    }
+}
+
+/// An engine's own per-layer events, opened from its interprocess handles; closed on drop.
+pub(crate) struct EngineEvents {
+    ctx: Arc<CudaContext>,
+    events: Vec<sys::CUevent>,
+}
+
+// SAFETY: the events are driver handles owned by this value; waiting on and destroying them is
+// thread-safe once the context is bound, which every user does.
+unsafe impl Send for EngineEvents {}
+// SAFETY: as above; `&EngineEvents` only passes the events to the driver.
+unsafe impl Sync for EngineEvents {}
+
+impl EngineEvents {
+    /// Opens every handle (`cuIpcOpenEventHandle`); on a failure the ones opened so far close.
+    pub(crate) fn open(ctx: &Arc<CudaContext>, handles: &[[u8; 64]]) -> Result<Self, DmaError> {
+        bind(ctx)?;
+        let mut opened = EngineEvents {
+            ctx: ctx.clone(),
+            events: Vec::with_capacity(handles.len()),
+        };
+        for (slot, handle) in handles.iter().enumerate() {
+            let handle = sys::CUipcEventHandle {
+                reserved: handle.map(|b| b as std::ffi::c_char),
+            };
+            let mut event: sys::CUevent = std::ptr::null_mut();
+            // SAFETY: writes one event handle; it is destroyed in Drop.
+            check(
+                unsafe { sys::cuIpcOpenEventHandle(&mut event, handle) },
+                || format!("cuIpcOpenEventHandle (engine event {slot})"),
+            )?;
+            opened.events.push(event);
+        }
+        Ok(opened)
+    }
+
+    /// The event of `slot`, or an error naming how many the engine sent.
+    pub(crate) fn event(&self, slot: u32) -> Result<sys::CUevent, DmaError> {
+        self.events
+            .get(slot as usize)
+            .copied()
+            .ok_or(DmaError::OutOfBounds {
+                what: "engine events",
+                offset: u64::from(slot),
+                len: 1,
+                limit: self.events.len() as u64,
+            })
+    }
+}
+
+impl Drop for EngineEvents {
+    fn drop(&mut self) {
+        if self.events.is_empty() || bind(&self.ctx).is_err() {
+            return;
+        }
+        for &event in &self.events {
+            // SAFETY: opened in `open`; the region owning these drains the context before its
+            // fields drop, so no stream still waits on them. Destroying an opened IPC event
+            // closes this process's reference only.
             unsafe { sys::cuEventDestroy_v2(event) };
         }
     }

@@ -51,6 +51,9 @@ pub(crate) struct Lane {
     stream: Arc<CudaStream>,
     /// Extra streams for split batched memcpys, each with the event that joins it back.
     extra: Vec<(Arc<CudaStream>, sys::CUevent)>,
+    /// Recorded on the lane's stream before a split batch, so the extra streams start only after
+    /// everything queued before it (earlier layers, a save's wait on the engine's event).
+    fork: sys::CUevent,
     /// `SLOTS * SLOT_DESCS` descriptors of pinned, device-mapped host memory.
     host: *mut Desc,
     /// The device address of `host`.
@@ -83,6 +86,7 @@ impl Lane {
             ctx: ctx.clone(),
             stream,
             extra: Vec::new(),
+            fork: std::ptr::null_mut(),
             host,
             device: 0,
             events: Vec::with_capacity(SLOTS),
@@ -98,6 +102,8 @@ impl Lane {
             || "cuMemHostGetDevicePointer (descriptor ring)".into(),
         )?;
         lane.device = device;
+        lane.fork = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| cuda_err("cuEventCreate (stream fork)", e))?;
         for _ in 1..MAX_SPLIT {
             let extra = ctx
                 .new_stream()
@@ -172,11 +178,23 @@ impl Lane {
             Mover::BatchedMemcpy(split) => {
                 let split = (*split).clamp(1, MAX_SPLIT);
                 let per = descs.len().div_ceil(split).max(1);
+                if descs.len() > per {
+                    // SAFETY: live event and stream.
+                    check(unsafe { sys::cuEventRecord(self.fork, stream) }, || {
+                        "cuEventRecord (fork)".into()
+                    })?;
+                }
                 for (i, part) in descs.chunks(per).enumerate() {
                     let on = if i == 0 {
                         stream
                     } else {
-                        self.extra[i - 1].0.cu_stream()
+                        let extra = self.extra[i - 1].0.cu_stream();
+                        // SAFETY: live event and streams; the part starts after the fork point.
+                        check(
+                            unsafe { sys::cuStreamWaitEvent(extra, self.fork, 0) },
+                            || "cuStreamWaitEvent (fork)".into(),
+                        )?;
+                        extra
                     };
                     for piece in part.chunks(SLOT_DESCS) {
                         // SAFETY: forwarded from the caller.
@@ -214,6 +232,17 @@ impl Lane {
         self.stream
             .synchronize()
             .map_err(|e| cuda_err("cuStreamSynchronize (copy lane)", e))
+    }
+
+    /// Makes everything enqueued on the lane after this wait for `event` (a save waiting on the
+    /// engine's per-layer event), GPU-side.
+    pub(crate) fn wait(&self, event: sys::CUevent) -> Result<(), DmaError> {
+        bind(&self.ctx)?;
+        // SAFETY: the caller passes a live event (opened in this context); the stream is live.
+        check(
+            unsafe { sys::cuStreamWaitEvent(self.stream.cu_stream(), event, 0) },
+            || "cuStreamWaitEvent (engine event)".into(),
+        )
     }
 
     /// Records `event` on the lane's stream (a load's per-layer event).
@@ -279,6 +308,10 @@ impl Drop for Lane {
             }
             // SAFETY: created in `new`, not used after the stream drained.
             unsafe { sys::cuEventDestroy_v2(*join) };
+        }
+        if !self.fork.is_null() {
+            // SAFETY: created in `new`, not used after the streams drained.
+            unsafe { sys::cuEventDestroy_v2(self.fork) };
         }
         for &event in &self.events {
             // SAFETY: created in `new`, not used after the stream drained.

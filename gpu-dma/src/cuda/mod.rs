@@ -24,6 +24,7 @@ use cudarc::driver::CudaContext;
 use crate::arena::Arena;
 use crate::engine::{CopyOp, Direction, DmaEngine};
 use crate::error::{check_span, DmaError};
+use crate::numa::{self, NumaPlacement};
 use crate::region::RegionSource;
 
 pub use events::{EventRing, EVENT_RING_SLOTS};
@@ -93,6 +94,7 @@ impl CudaDmaEngine {
         let context_s = started.elapsed().as_secs_f64();
         let save = Lane::new(&ctx)?;
         let load = Lane::new(&ctx)?;
+        place_arena(&ctx, &arena);
         let pinned = PinnedArena::start(ctx.clone(), arena.clone())?;
         // Measured on an H100 (docs/benchmarks-gpu.md): the copy engines driven by
         // cuMemcpyBatchAsync reach 0.98x of contiguous cudaMemcpy on loads and 0.96-1.03x with
@@ -231,6 +233,38 @@ impl CudaDmaEngine {
     }
 }
 
+/// Puts the arena's pages on the NUMA node of the device's PCIe root, before pinning touches them;
+/// logs what was done and why. Failing to place is not an error: the pool works, only slower.
+fn place_arena(ctx: &CudaContext, arena: &Arena) {
+    let bus_id = match driver::pci_bus_id(ctx) {
+        Ok(bus_id) => bus_id,
+        Err(e) => {
+            tracing::warn!(%e, "pool arena left to the default NUMA policy");
+            return;
+        }
+    };
+    match numa::placement(std::path::Path::new(numa::SYSFS_ROOT), &bus_id) {
+        NumaPlacement::Prefer(node) => match arena.prefer_numa_node(node) {
+            Ok(()) => tracing::info!(
+                gpu = %bus_id,
+                node,
+                "pool arena pages preferred on the GPU's NUMA node (mbind MPOL_PREFERRED)"
+            ),
+            Err(e) => tracing::warn!(
+                gpu = %bus_id,
+                node,
+                error = %e,
+                "cannot prefer the GPU's NUMA node for the pool arena"
+            ),
+        },
+        NumaPlacement::Skip(why) => tracing::info!(
+            gpu = %bus_id,
+            reason = %why,
+            "pool arena left to the default NUMA policy"
+        ),
+    }
+}
+
 /// Streams a batched memcpy is split over by default: splitting over 2 or 4 measured no gain.
 const DEFAULT_SPLIT: usize = 1;
 
@@ -273,7 +307,15 @@ impl DmaEngine for CudaDmaEngine {
                 offset,
                 bytes,
                 device: _,
-            } => CudaRegion::open_ipc(&self.ctx, self.ordinal, handle, *offset, *bytes),
+                engine_events,
+            } => CudaRegion::open_ipc(
+                &self.ctx,
+                self.ordinal,
+                handle,
+                *offset,
+                *bytes,
+                engine_events,
+            ),
             RegionSource::SharedMemory { .. } => Err(DmaError::UnsupportedRegion {
                 engine: "cuda",
                 kind: source.kind(),
@@ -328,6 +370,10 @@ impl DmaEngine for CudaDmaEngine {
 
     fn finish(&self, _region: &CudaRegion, direction: Direction) -> Result<(), DmaError> {
         self.lane(direction).synchronize()
+    }
+
+    fn wait_engine_event(&self, region: &CudaRegion, slot: u32) -> Result<(), DmaError> {
+        self.save.wait(region.engine_events.event(slot)?)
     }
 
     fn record_layer_event(&self, region: &CudaRegion, slot: u32) -> Result<(), DmaError> {

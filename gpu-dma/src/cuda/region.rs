@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cudarc::driver::{result, sys, CudaContext};
 
 use crate::cuda::driver::{bind, check, cuda_err};
-use crate::cuda::events::{LayerEvents, EVENT_RING_SLOTS};
+use crate::cuda::events::{EngineEvents, LayerEvents, EVENT_RING_SLOTS};
 use crate::error::DmaError;
 
 /// Where a region's bytes come from; released on drop.
@@ -22,7 +22,8 @@ enum Memory {
     Owned(sys::CUdeviceptr),
 }
 
-/// An engine's KV memory on the GPU, with its ring of per-layer load events.
+/// An engine's KV memory on the GPU, with its ring of per-layer load events and the engine's own
+/// per-layer events that saves wait on.
 pub struct CudaRegion {
     ctx: Arc<CudaContext>,
     memory: Memory,
@@ -30,6 +31,7 @@ pub struct CudaRegion {
     device_ptr: u64,
     bytes: u64,
     pub(crate) events: LayerEvents,
+    pub(crate) engine_events: EngineEvents,
 }
 
 // SAFETY: the device pointers are plain addresses owned by this value; driver calls on them are
@@ -49,13 +51,15 @@ impl std::fmt::Debug for CudaRegion {
 }
 
 impl CudaRegion {
-    /// Opens `handle` and checks that `[offset, offset + bytes)` lies in the block, on `ordinal`.
+    /// Opens `handle` and checks that `[offset, offset + bytes)` lies in the block, on `ordinal`;
+    /// opens the engine's `engine_events` too.
     pub(crate) fn open_ipc(
         ctx: &Arc<CudaContext>,
         ordinal: usize,
         handle: &[u8; 64],
         offset: u64,
         bytes: u64,
+        engine_events: &[[u8; 64]],
     ) -> Result<CudaRegion, DmaError> {
         bind(ctx)?;
         if bytes == 0 {
@@ -80,6 +84,7 @@ impl CudaRegion {
             device_ptr: base,
             bytes,
             events: LayerEvents::new(ctx, 0)?,
+            engine_events: EngineEvents::open(ctx, &[])?,
         };
         let (mut block, mut size) = (0, 0usize);
         // SAFETY: `base` is a live mapping; writes its allocation's base and size.
@@ -115,7 +120,14 @@ impl CudaRegion {
         }
         region.device_ptr = base + offset;
         region.events = LayerEvents::new(ctx, EVENT_RING_SLOTS)?;
-        tracing::debug!(offset, bytes, block_bytes = size, "opened CUDA IPC region");
+        region.engine_events = EngineEvents::open(ctx, engine_events)?;
+        tracing::debug!(
+            offset,
+            bytes,
+            block_bytes = size,
+            engine_events = engine_events.len(),
+            "opened CUDA IPC region"
+        );
         Ok(region)
     }
 
@@ -131,6 +143,7 @@ impl CudaRegion {
             device_ptr: ptr,
             bytes,
             events: LayerEvents::new(ctx, 0)?,
+            engine_events: EngineEvents::open(ctx, &[])?,
         };
         region.events = LayerEvents::new(ctx, EVENT_RING_SLOTS)?;
         Ok(region)

@@ -37,12 +37,12 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             direction: Direction::Load,
             layers: job.engine.layout.plan(&blocks),
             checksum_pages: Vec::new(),
+            wait_events: Vec::new(),
         };
         copy_in(ctx.transfer.clone(), copy, lease).await?
     };
     let loaded = blocks.len() as u64;
     ctx.metrics.loaded_blocks_total.inc_by(loaded);
-    ctx.metrics.load_bytes_total.inc_by(loaded * page_bytes);
     Ok(ReplyBody::Load(LoadReply {
         loaded: loaded as u32,
         event_slots,

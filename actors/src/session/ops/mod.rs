@@ -36,6 +36,8 @@ pub struct BlocksJob {
     pub block_ids: Vec<u32>,
     /// `save` only: reply once the blocks are durable on SSD.
     pub persist: bool,
+    /// `save` only: per layer, the engine event slot the copy of that layer waits on (empty: none).
+    pub after_events: Vec<u32>,
 }
 
 /// The checks `save` and `load` share, run in order with the session's other ops: a
@@ -62,11 +64,40 @@ pub fn prepare_blocks(state: &SessionState, req: BlocksRequest) -> Result<Blocks
         ));
     }
     engine.layout.check_blocks(&req.block_ids)?;
+    check_after_events(&engine, &req.after_events)?;
     Ok(BlocksJob {
         ctx: state.ctx.clone(),
         engine,
         keys,
         block_ids: req.block_ids,
         persist: req.persist,
+        after_events: req.after_events,
     })
+}
+
+/// `after_events` is absent, or names one registered engine event per layer.
+fn check_after_events(engine: &Engine, after_events: &[u32]) -> Result<(), ProtoError> {
+    let layers = engine.layout.layers.len();
+    if !after_events.is_empty() && after_events.len() != layers {
+        return Err(ProtoError::new(
+            ErrorCode::BadField,
+            format!(
+                "field `after_events`: {} slots for {layers} layers; give one per layer or none",
+                after_events.len()
+            ),
+        ));
+    }
+    match after_events
+        .iter()
+        .position(|&slot| slot >= engine.engine_events)
+    {
+        Some(i) => Err(ProtoError::new(
+            ErrorCode::OutOfRange,
+            format!(
+                "field `after_events[{i}]`: slot {} is not below the {} `engine_events` registered",
+                after_events[i], engine.engine_events
+            ),
+        )),
+        None => Ok(()),
+    }
 }

@@ -13,10 +13,14 @@ use crate::protocol::{
 use crate::session::{Engine, SessionState};
 use crate::transfer::TransferMsg;
 
-/// Turns the wire's region description into what the copy engine opens.
-fn region_source(spec: &RegionSpec) -> Result<RegionSource, ProtoError> {
+/// Turns the wire's region description (and a GPU engine's event handles) into what the copy
+/// engine opens.
+fn region_source(spec: &RegionSpec, engine_events: &[Bin]) -> Result<RegionSource, ProtoError> {
     let bad = |message: String| ProtoError::new(ErrorCode::BadField, message);
     match (&spec.shm, &spec.cuda_ipc) {
+        (Some(_), None) if !engine_events.is_empty() => Err(bad(
+            "field `engine_events`: only GPU engines (`region.cuda_ipc`) have events".into(),
+        )),
         (Some(name), None) => Ok(RegionSource::SharedMemory {
             name: name.clone(),
             bytes: spec.bytes,
@@ -28,11 +32,25 @@ fn region_source(spec: &RegionSpec) -> Result<RegionSource, ProtoError> {
                     handle.len()
                 ))
             })?;
+            let engine_events = engine_events
+                .iter()
+                .enumerate()
+                .map(|(i, Bin(event))| {
+                    event.as_slice().try_into().map_err(|_| {
+                        bad(format!(
+                            "field `engine_events[{i}]`: {} bytes given; a cudaIpcEventHandle_t \
+                             is 64 bytes",
+                            event.len()
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
             Ok(RegionSource::CudaIpc {
                 handle,
                 offset: spec.offset,
                 bytes: spec.bytes,
                 device: spec.device.unwrap_or(0),
+                engine_events,
             })
         }
         _ => Err(bad(
@@ -47,7 +65,7 @@ pub async fn handle(
     req: RegisterRequest,
 ) -> Result<ReplyBody, ProtoError> {
     let layout = EngineLayout::validate(&req, state.ctx.max_page_bytes)?;
-    let source = region_source(&req.region)?;
+    let source = region_source(&req.region, &req.engine_events)?;
     let owner = state.id;
     let opened = ask(&state.ctx.transfer, "transfer", |reply| TransferMsg::Open {
         owner,
@@ -66,6 +84,7 @@ pub async fn handle(
             layout,
             region: opened.id,
             namespace,
+            engine_events: req.engine_events.len() as u32,
         }),
     );
     tracing::info!(session = state.id, engine, model = %req.namespace.model, page_bytes, "engine registered");

@@ -37,6 +37,7 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             direction: Direction::Save,
             layers: job.engine.layout.plan(&blocks),
             checksum_pages: blocks.iter().map(|&(_, page)| (page, page_bytes)).collect(),
+            wait_events: job.after_events,
         };
         let crcs = ask(&ctx.transfer, "transfer", |reply| TransferMsg::Copy {
             job: copy,
@@ -56,10 +57,10 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
         counts.stored = stored;
         counts.present += written - stored;
         ctx.metrics.saved_blocks_total.inc_by(u64::from(stored));
-        ctx.metrics
-            .save_bytes_total
-            .inc_by(u64::from(written) * page_bytes);
     }
+    ctx.metrics
+        .save_dropped_blocks_total
+        .inc_by(u64::from(counts.dropped));
     if let Some(keys) = persist_keys {
         // Waits until the held pages are written and synced to SSD.
         counts.persisted =
