@@ -1,4 +1,5 @@
-//! HTTP for operators: `/healthz`, `/metrics` (Prometheus text) and `/api/stats` (JSON).
+//! HTTP for operators: `/healthz`, `/metrics` (Prometheus text), `/api/stats` (JSON) and
+//! `/dashboard`, a self-contained page (no CDN, no build step) that polls `/api/stats`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/stats", get(stats))
+        .route("/dashboard", get(dashboard))
+        .route("/", get(dashboard))
         .with_state(ctx);
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
@@ -56,4 +59,17 @@ async fn stats(State(ctx): State<Arc<NodeContext>>) -> Response {
         Ok(stats) => Json(stats).into_response(),
         Err(error) => (StatusCode::SERVICE_UNAVAILABLE, error.message).into_response(),
     }
+}
+
+/// The dashboard page: HTML, CSS and JS compiled into the binary, so it works offline and
+/// always matches this node's stats document.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        crate::dashboard::PAGE,
+    )
+        .into_response()
 }

@@ -6,11 +6,13 @@
 
 pub mod client;
 pub mod context;
+pub mod dashboard;
 pub mod http;
 pub mod keys;
 pub mod layout;
 pub mod metrics;
 pub mod node;
+pub mod otlp;
 pub mod pool;
 pub mod protocol;
 pub mod session;

@@ -47,6 +47,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Ssd(#[from] SsdError),
+    #[error(transparent)]
+    Otlp(#[from] crate::otlp::OtlpError),
 }
 
 /// Messages of the supervisor.
@@ -147,6 +149,7 @@ pub struct RunningNode {
     http: JoinHandle<()>,
     http_addr: SocketAddr,
     socket_path: PathBuf,
+    otlp: Option<crate::otlp::Exporter>,
 }
 
 impl RunningNode {
@@ -177,6 +180,9 @@ impl RunningNode {
         self.ctx.pool.stop(None);
         self.ctx.transfer.stop(None);
         self.http.abort();
+        if let Some(otlp) = self.otlp {
+            otlp.shutdown().await;
+        }
         if let Err(error) = std::fs::remove_file(&self.socket_path) {
             tracing::warn!(path = %self.socket_path.display(), %error, "cannot remove socket");
         }
@@ -201,6 +207,7 @@ async fn start_serving(
     listener: UnixListener,
 ) -> Result<RunningNode, StartError> {
     let metrics = Arc::new(Metrics::new()?);
+    let otlp = crate::otlp::Exporter::start(&config.otlp, &metrics)?;
     let pool_bytes = config.pool.size.0;
     let arena =
         Arc::new(
@@ -242,6 +249,7 @@ async fn start_serving(
         http,
         http_addr,
         socket_path: config.socket.path.clone(),
+        otlp,
     })
 }
 
@@ -256,24 +264,24 @@ async fn spawn_transfer(
     match config.dma.engine {
         DmaChoice::Host => {
             tracing::info!(dma = "host", "copy engine: host (dma.engine = \"host\")");
-            start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics).await
+            start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics, |_, _| {}).await
         }
         DmaChoice::Cuda => {
             let engine = cuda().map_err(StartError::Cuda)?;
             tracing::info!(dma = "cuda", engine = %engine.describe(), "copy engine: cuda (dma.engine = \"cuda\")");
-            start_transfer(engine, arena, metrics).await
+            start_transfer(engine, arena, metrics, track_pinning).await
         }
         DmaChoice::Auto => match cuda() {
             Ok(engine) => {
                 tracing::info!(dma = "cuda", engine = %engine.describe(), "copy engine: cuda (dma.engine = \"auto\" and a GPU is present)");
-                start_transfer(engine, arena, metrics).await
+                start_transfer(engine, arena, metrics, track_pinning).await
             }
             Err(why) => {
                 tracing::info!(
                     dma = "host",
                     "copy engine: host (dma.engine = \"auto\"; {why})"
                 );
-                start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics).await
+                start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics, |_, _| {}).await
             }
         },
     }
@@ -283,13 +291,21 @@ async fn start_transfer<E: DmaEngine>(
     engine: E,
     arena: Arc<Arena>,
     metrics: Arc<Metrics>,
+    watch: fn(&Arc<E>, &Arc<Metrics>),
 ) -> Result<(ActorRef<TransferMsg>, &'static str), StartError> {
     let dma = engine.name();
-    let state = TransferState::new(engine, arena, metrics);
+    let state = TransferState::new(engine, arena, metrics.clone());
+    watch(state.engine(), &metrics);
     let (transfer, _) = Actor::spawn(None, TransferActor::<E>::default(), state)
         .await
         .map_err(|e| StartError::Spawn("transfer", e.to_string()))?;
     Ok((transfer, dma))
+}
+
+/// Reports the CUDA engine's background pinning of the pool as `pool_pinned_bytes`.
+fn track_pinning(engine: &Arc<CudaDmaEngine>, metrics: &Arc<Metrics>) {
+    let engine = engine.clone();
+    metrics.track_pinning(move || engine.pin_progress());
 }
 
 /// Binds the connector socket, replacing a stale file but never a live node's socket.

@@ -32,17 +32,10 @@ impl Responder {
 
     /// Encodes and queues the reply; a closed connection just drops it.
     pub async fn send(self, result: Result<ReplyBody, ProtoError>) {
-        let metrics = &self.ctx.metrics;
-        metrics.requests_total.with_label_values(&[self.op]).inc();
-        metrics
-            .request_duration_seconds
-            .with_label_values(&[self.op])
-            .observe(self.arrived.elapsed().as_secs_f64());
+        self.ctx
+            .metrics
+            .request_done(self.op, self.arrived.elapsed(), &result);
         if let Err(error) = &result {
-            metrics
-                .errors_total
-                .with_label_values(&[error.code.as_str()])
-                .inc();
             tracing::debug!(op = self.op, code = error.code.as_str(), message = %error.message, "error reply");
         }
         if let Ok(frame) = encode_frame(&encode_reply(self.id, &result)) {

@@ -17,14 +17,10 @@ pub async fn handle(state: &SessionState, req: LookupRequest) -> Result<ReplyBod
         reply,
     })
     .await?;
-    let metrics = &state.ctx.metrics;
-    metrics.lookup_blocks_total.inc_by(asked);
-    metrics
-        .lookup_hit_blocks_total
-        .inc_by(u64::from(outcome.hits));
-    metrics
-        .lookup_miss_blocks_total
-        .inc_by(asked - u64::from(outcome.hits));
+    state
+        .ctx
+        .metrics
+        .lookup_done(asked, u64::from(outcome.hits), u64::from(outcome.ssd_hits));
     Ok(ReplyBody::Lookup(LookupReply {
         hits: outcome.hits,
         lease: outcome.lease,

@@ -6,6 +6,6 @@ use crate::protocol::{ProtoError, ReplyBody, StatsReply};
 /// Answers `stats`.
 pub async fn handle(ctx: &NodeContext) -> Result<ReplyBody, ProtoError> {
     Ok(ReplyBody::Stats(StatsReply {
-        stats: ctx.stats().await?,
+        stats: Box::new(ctx.stats().await?),
     }))
 }
