@@ -61,6 +61,12 @@ pub fn check(dir: &Path) -> io::Result<CheckReport> {
             Contents::Sealed(entries) => entries,
             Contents::Unsealed(scan) => {
                 report.unsealed += 1;
+                for (offset, error) in &scan.skipped {
+                    report.corrupt.push(format!(
+                        "{}: corrupt record at offset {offset} ({error}); dropped at the next start",
+                        path.display()
+                    ));
+                }
                 if let Some((offset, error)) = scan.stopped {
                     report.torn.push(format!(
                         "{}: torn tail at offset {offset} ({error}); dropped at the next start",

@@ -150,6 +150,10 @@ impl SsdTier {
         });
         shared.metrics.ssd_capacity_bytes.set(config.size.0 as i64);
         shared.metrics.ssd_healthy.set(1);
+        shared
+            .metrics
+            .ssd_checksum_failures_total
+            .inc_by(recovered.damaged_records);
         shared.publish();
         let writer = Writer::new(
             shared.clone(),

@@ -1,6 +1,7 @@
 //! Rebuilding the catalog when the node starts: sealed segments are read through their footers,
-//! the segment that was open when the node stopped (gracefully or not) is scanned up to its first
-//! torn record, cut there and sealed, so every run starts with only sealed segments.
+//! the segment that was open when the node stopped (gracefully or not) is scanned record by
+//! record (a damaged record is dropped, the ones after it kept), cut after its last valid record
+//! and sealed, so every run starts with only sealed segments.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -16,6 +17,8 @@ pub struct Recovered {
     pub manifest: Manifest,
     /// Id for the next segment to create.
     pub next_segment: SegmentId,
+    /// Records dropped because they failed their checksums (not counting a torn tail).
+    pub damaged_records: u64,
 }
 
 /// Rebuilds the catalog of `dir`, sealing a segment left open and updating the manifest.
@@ -24,6 +27,7 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
     let ids = segment::list_segments(dir)?;
     manifest.sealed.retain(|id, _| ids.contains(id));
     let mut catalog = Catalog::default();
+    let mut damaged_records = 0;
     for &id in &ids {
         let path = segment::segment_path(dir, id);
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
@@ -34,14 +38,12 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
                 if manifest.sealed.contains_key(&id) {
                     tracing::warn!(segment = %path.display(), "sealed segment has no readable footer; scanned its records");
                 }
+                damaged_records += scan.skipped.len() as u64;
+                for (offset, error) in &scan.skipped {
+                    tracing::warn!(segment = %path.display(), offset, %error, "dropped a damaged record");
+                }
                 if let Some((offset, error)) = &scan.stopped {
-                    tracing::warn!(
-                        segment = %path.display(),
-                        offset,
-                        %error,
-                        kept = scan.entries.len(),
-                        "dropped a torn record and everything after it"
-                    );
+                    tracing::warn!(segment = %path.display(), offset, %error, "dropped a torn tail");
                 }
                 if scan.entries.is_empty() {
                     std::fs::remove_file(&path)?;
@@ -69,6 +71,7 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
         catalog,
         manifest,
         next_segment: ids.last().map_or(1, |id| id + 1),
+        damaged_records,
     })
 }
 
@@ -95,7 +98,7 @@ mod tests {
     }
 
     #[test]
-    fn rebuilds_from_footers_and_seals_the_open_segment_at_its_torn_record() {
+    fn rebuilds_from_footers_and_seals_the_open_segment_without_its_damaged_record() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sealed = segment::create(dir.path(), 1, false).expect("create");
         let mut at = 0;
@@ -120,25 +123,22 @@ mod tests {
         let recovered = recover(dir.path()).expect("recover");
         let catalog = &recovered.catalog;
         assert_eq!(recovered.next_segment, 3);
-        for key in [0u8, 1, 2, 10, 11] {
+        for key in [0u8, 1, 2, 10, 11, 13] {
             assert!(catalog.contains(&[key; 32]), "key {key}");
         }
-        assert!(!catalog.contains(&[12; 32]), "torn record dropped");
-        assert!(
-            !catalog.contains(&[13; 32]),
-            "nothing after a torn record is trusted"
-        );
+        assert!(!catalog.contains(&[12; 32]), "damaged record dropped");
+        assert_eq!(recovered.damaged_records, 1);
         assert_eq!(recovered.manifest.sealed.len(), 2);
 
         // The open segment is sealed now: a second recovery reads its footer.
         let again = recover(dir.path()).expect("recover");
-        assert_eq!(again.catalog.pages(), 5);
+        assert_eq!(again.catalog.pages(), 6);
         assert_eq!(again.catalog.used_bytes(), catalog.used_bytes());
         let file = segment::open_read(dir.path(), 2, false).expect("open");
         let len = file.metadata().expect("len").len();
         assert!(matches!(
             segment::contents(&file, len).expect("read"),
-            Contents::Sealed(entries) if entries == second[..2]
+            Contents::Sealed(entries) if entries == [&second[..2], &second[3..]].concat()
         ));
     }
 

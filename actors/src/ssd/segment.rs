@@ -148,56 +148,70 @@ pub fn contents(file: &File, file_len: u64) -> io::Result<Contents> {
 pub struct Scan {
     /// Whole, checksummed records, in file order.
     pub entries: Vec<RecordEntry>,
-    /// Where the valid records end; what follows is torn or never written.
+    /// Where the last valid record ends; what follows is torn or never written.
     pub valid_end: u64,
-    /// Why the scan stopped before the end of the file, with the offset.
+    /// Records skipped on the way, with their offsets: a bad data checksum under an intact
+    /// header (corruption, or a write torn by a crash), or a header that does not decode.
+    pub skipped: Vec<(u64, format::FormatError)>,
+    /// Why the scan ended before the end of the file: a record running past it (a torn tail).
     pub stopped: Option<(u64, format::FormatError)>,
 }
 
-/// Reads records from the start of a segment until the end of the file or the first record
-/// that is not whole and checksummed (a write torn by a crash); nothing after it is trusted.
+/// Reads every record of a segment that has no footer. Each record is self-checking (header
+/// checksum, data checksum), so one that fails is skipped and the scan goes on: a flipped byte
+/// in one record must not cost the acknowledged records after it. Where a header cannot be
+/// read the next record can only start at a later alignment boundary, so the scan steps on by
+/// one alignment unit; a record that runs past the end of the file ends the scan.
 pub fn scan(file: &File, file_len: u64) -> io::Result<Scan> {
-    let mut entries = Vec::new();
+    let mut scan = Scan {
+        entries: Vec::new(),
+        valid_end: 0,
+        skipped: Vec::new(),
+        stopped: None,
+    };
     let mut at = 0;
     while at + ALIGN <= file_len {
         let first = read_aligned(file, at, ALIGN)?;
         let header = match format::decode_header(first.as_slice()) {
             Ok(header) => header,
-            Err(error) => return Ok(stop(entries, at, error)),
+            Err(error) => {
+                if !is_blank(first.as_slice()) {
+                    scan.skipped.push((at, error));
+                }
+                at += ALIGN;
+                continue;
+            }
         };
         let bytes = record_bytes(header.len);
         if at + bytes > file_len {
-            return Ok(stop(entries, at, format::FormatError::Length(header.len)));
+            scan.stopped = Some((at, format::FormatError::Length(header.len)));
+            break;
         }
         let record = if bytes == ALIGN {
             first
         } else {
             read_aligned(file, at, bytes)?
         };
-        if let Err(error) = decode_record(record.as_slice()) {
-            return Ok(stop(entries, at, error));
+        match decode_record(record.as_slice()) {
+            Ok(_) => {
+                scan.entries.push(RecordEntry {
+                    key: header.key,
+                    offset: at,
+                    len: header.len,
+                    crc32c: header.crc32c,
+                });
+                scan.valid_end = at + bytes;
+            }
+            Err(error) => scan.skipped.push((at, error)),
         }
-        entries.push(RecordEntry {
-            key: header.key,
-            offset: at,
-            len: header.len,
-            crc32c: header.crc32c,
-        });
         at += bytes;
     }
-    Ok(Scan {
-        entries,
-        valid_end: at,
-        stopped: None,
-    })
+    Ok(scan)
 }
 
-fn stop(entries: Vec<RecordEntry>, at: u64, error: format::FormatError) -> Scan {
-    Scan {
-        entries,
-        valid_end: at,
-        stopped: Some((at, error)),
-    }
+/// Space preallocated or never written reads as zeros: not a record, and not damage either.
+fn is_blank(block: &[u8]) -> bool {
+    block.iter().all(|&b| b == 0)
 }
 
 /// Reads one record and checks it against what the index expects of it.
@@ -254,7 +268,7 @@ mod tests {
     }
 
     #[test]
-    fn scan_stops_at_the_first_torn_record() {
+    fn scan_skips_damaged_records_and_stops_at_a_torn_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = create(dir.path(), 1, false).expect("create");
         let entries = write_records(&file, 5);
@@ -263,20 +277,34 @@ mod tests {
         assert_eq!(whole.entries, entries);
         assert_eq!((whole.valid_end, whole.stopped), (end, None));
 
-        // Tear record 3: its data half written.
+        // Damage record 3's data: it is skipped, the records after it still count.
         let torn_at = entries[3].offset + HEADER_BYTES + 100;
         file.write_all_at(&[0xff; 50], torn_at).expect("tear");
         let torn = scan(&file, end).expect("scan");
-        assert_eq!(torn.entries, entries[..3]);
-        assert_eq!(torn.valid_end, entries[3].offset);
+        assert_eq!(torn.entries, [&entries[..3], &entries[4..]].concat());
+        assert_eq!((torn.valid_end, &torn.stopped), (end, &None));
         assert!(matches!(
-            torn.stopped,
-            Some((at, format::FormatError::DataChecksum { .. })) if at == entries[3].offset
+            torn.skipped.as_slice(),
+            [(at, format::FormatError::DataChecksum { .. })] if *at == entries[3].offset
         ));
 
-        // A file cut inside a record.
+        // Damage record 1's header: the scan steps over it and finds the rest.
+        file.write_all_at(&[0xff; 8], entries[1].offset)
+            .expect("smash header");
+        let smashed = scan(&file, end).expect("scan");
+        assert_eq!(
+            smashed.entries,
+            [&entries[..1], &entries[2..3], &entries[4..]].concat()
+        );
+
+        // A file cut inside a record: the tail is torn, what precedes it stays.
         let cut = scan(&file, entries[2].offset + ALIGN).expect("scan");
-        assert_eq!(cut.entries, entries[..2]);
+        assert_eq!(cut.entries, entries[..1]);
+        assert_eq!(
+            cut.valid_end,
+            entries[0].offset + record_bytes(entries[0].len)
+        );
+        assert!(cut.stopped.is_some());
     }
 
     #[test]
