@@ -21,6 +21,25 @@ pub struct EngineLayout {
 struct Expected {
     segments: usize,
     segment_bytes: u64,
+    /// The layout's segments are token-major (`[token, ...]`), so an engine whose tokens are not
+    /// adjacent in memory (SGLang's `page_first` host pool) may describe the same page bytes
+    /// token by token: `segments * block_size` runs of `segment_bytes / block_size`, listed
+    /// in page order.
+    token_major: bool,
+}
+
+impl Expected {
+    /// Segments per layer implied by the request's `segment_bytes`: the layout's own
+    /// segmentation or, for token-major layouts, one run per token.
+    fn segments_for(&self, segment_bytes: u64, block_size: u32) -> Option<usize> {
+        if segment_bytes == self.segment_bytes {
+            return Some(self.segments);
+        }
+        let tokens = u64::from(block_size);
+        let per_token =
+            self.token_major && tokens > 1 && segment_bytes * tokens == self.segment_bytes;
+        per_token.then(|| self.segments * block_size as usize)
+    }
 }
 
 fn dtype_bytes(dtype: &str) -> Option<u64> {
@@ -50,14 +69,17 @@ fn expected(req: &RegisterRequest) -> Result<Expected, ProtoError> {
         "vllm_lbnhc" | "vllm_lbhnc" => Ok(Expected {
             segments: 1,
             segment_bytes: per_head * heads * 2,
+            token_major: ns.layout == "vllm_lbnhc",
         }),
         "kv_split" => Ok(Expected {
             segments: 2,
             segment_bytes: per_head * heads,
+            token_major: true,
         }),
         "mla" if ns.num_kv_heads == 1 => Ok(Expected {
             segments: 1,
             segment_bytes: per_head,
+            token_major: true,
         }),
         "mla" => Err(mismatch(format!(
             "field `namespace.num_kv_heads`: mla stores one latent per token, so it must be 1, not {}",
@@ -86,12 +108,20 @@ impl EngineLayout {
                 ns.num_layers
             )));
         }
-        if req.segment_bytes != want.segment_bytes {
+        let Some(segments_per_layer) = want.segments_for(req.segment_bytes, ns.block_size) else {
+            let per_token = if want.token_major && ns.block_size > 1 {
+                format!(
+                    " (or {} per token)",
+                    want.segment_bytes / u64::from(ns.block_size)
+                )
+            } else {
+                String::new()
+            };
             return Err(mismatch(format!(
-                "field `segment_bytes`: {} given, namespace ({} layout, block_size {}, {} kv heads, head_dim {}, {}) implies {}",
+                "field `segment_bytes`: {} given, namespace ({} layout, block_size {}, {} kv heads, head_dim {}, {}) implies {}{per_token}",
                 req.segment_bytes, ns.layout, ns.block_size, ns.num_kv_heads, ns.head_dim, ns.dtype, want.segment_bytes
             )));
-        }
+        };
         if req.num_blocks == 0 {
             return Err(ProtoError::new(
                 ErrorCode::BadField,
@@ -99,12 +129,13 @@ impl EngineLayout {
             ));
         }
         for (l, segments) in req.layers.iter().enumerate() {
-            if segments.len() != want.segments {
+            if segments.len() != segments_per_layer {
                 return Err(mismatch(format!(
-                    "field `layers[{l}]`: {} segments given, layout {} has {}",
+                    "field `layers[{l}]`: {} segments given, layout {} with segment_bytes {} has {}",
                     segments.len(),
                     ns.layout,
-                    want.segments
+                    req.segment_bytes,
+                    segments_per_layer
                 )));
             }
             for (s, &(offset, stride)) in segments.iter().enumerate() {
@@ -188,5 +219,101 @@ impl EngineLayout {
                 ops
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::NamespaceFields;
+    use crate::protocol::RegionSpec;
+
+    const BLOCK: u32 = 4;
+    const HEADS: u32 = 2;
+    const DIM: u32 = 8;
+    const NUM_BLOCKS: u32 = 3;
+
+    /// A two-layer bf16 engine whose region holds every segment described.
+    fn request(layout: &str, segment_bytes: u64, layers: Vec<Vec<(u64, u64)>>) -> RegisterRequest {
+        RegisterRequest {
+            namespace: NamespaceFields {
+                model: "m".into(),
+                dtype: "bf16".into(),
+                layout: layout.into(),
+                block_size: BLOCK,
+                num_layers: 2,
+                num_kv_heads: HEADS,
+                head_dim: DIM,
+                tp_rank: 0,
+                tp_size: 1,
+                pp_stage: 0,
+            },
+            region: RegionSpec {
+                shm: Some("r".into()),
+                bytes: 1 << 20,
+                ..RegionSpec::default()
+            },
+            num_blocks: NUM_BLOCKS,
+            segment_bytes,
+            layers,
+            engine_events: Vec::new(),
+        }
+    }
+
+    /// SGLang's `page_first` host pool, `[2, tokens, layers, heads, dim]`: per layer, every
+    /// token's K row, then every token's V row.
+    fn per_token_layers() -> (u64, Vec<Vec<(u64, u64)>>) {
+        let row = u64::from(HEADS * DIM) * 2;
+        let token_stride = 2 * row; // two layers per token
+        let block_stride = u64::from(BLOCK) * token_stride;
+        let plane = u64::from(NUM_BLOCKS) * block_stride;
+        let layers = (0..2u64)
+            .map(|l| {
+                (0..2u64)
+                    .flat_map(|kv| {
+                        (0..u64::from(BLOCK))
+                            .map(move |t| (kv * plane + t * token_stride + l * row, block_stride))
+                    })
+                    .collect()
+            })
+            .collect();
+        (row, layers)
+    }
+
+    #[test]
+    fn kv_split_accepts_one_run_per_token_in_page_order() {
+        let (row, layers) = per_token_layers();
+        let layout = EngineLayout::validate(&request("kv_split", row, layers), u64::MAX).unwrap();
+        // Same page as the two-segment form: 2 layers x (K + V) x block x row.
+        assert_eq!(layout.page_bytes(), 2 * 2 * u64::from(BLOCK) * row);
+        let plan = layout.plan(&[(1, 0)]);
+        // Layer 1's first run is token 0's K row; the page holds layer 0 first.
+        let first = &plan[1][0];
+        assert_eq!(first.arena_offset, 2 * u64::from(BLOCK) * row);
+        assert_eq!(first.region_offset, 2 * u64::from(BLOCK) * row + row); // block 1, layer 1
+        assert_eq!(first.len, row);
+    }
+
+    #[test]
+    fn per_token_runs_must_cover_the_block() {
+        let (row, mut layers) = per_token_layers();
+        layers[1].pop();
+        let err = EngineLayout::validate(&request("kv_split", row, layers), u64::MAX).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LayoutMismatch);
+        assert!(err.message.contains("layers[1]"), "{}", err.message);
+    }
+
+    #[test]
+    fn head_major_layouts_have_no_per_token_form() {
+        let row = u64::from(HEADS * DIM) * 2 * 2; // one token's K|V row
+        let layers = vec![vec![(0, 64 * row)], vec![(32 * row, 64 * row)]];
+        let err =
+            EngineLayout::validate(&request("vllm_lbhnc", row, layers), u64::MAX).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LayoutMismatch);
+        assert!(
+            err.message.contains("field `segment_bytes`"),
+            "{}",
+            err.message
+        );
     }
 }
