@@ -1,0 +1,157 @@
+//! The fabric as the node uses it: membership, the link server, reused link clients, and the
+//! nearest-holder fetch with fall-through.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::cluster::Cluster;
+use crate::error::{FabricError, LinkError};
+use crate::handshake::Credentials;
+use crate::link::client::{FetchedPage, Links};
+use crate::link::server::LinkServer;
+use crate::member::NodeId;
+use crate::options::FabricOptions;
+use crate::source::PageSource;
+use crate::BlockKey;
+
+/// A running fabric instance; dropping it stops gossip and closes every link it serves.
+pub struct Fabric {
+    cluster: Cluster,
+    links: Links,
+    server: LinkServer,
+}
+
+/// What [`Fabric::fetch_prefix`] got.
+#[derive(Debug, Default)]
+pub struct FetchOutcome {
+    /// Verified pages of the leading keys, in order; empty means recompute.
+    pub pages: Vec<FetchedPage>,
+    /// Candidates whose digest claimed the next key but that did not hold it.
+    pub false_positives: u32,
+    /// Candidates that failed (dead, refused, corrupt page, deadline), in the order tried.
+    pub failures: Vec<(NodeId, LinkError)>,
+}
+
+impl Fabric {
+    /// Binds the link listener, then joins the gossip advertising it.
+    pub async fn start<S: PageSource>(
+        options: FabricOptions,
+        source: Arc<S>,
+    ) -> Result<Fabric, FabricError> {
+        let creds = Credentials::new(
+            options.cluster_id.clone(),
+            options.node_id.clone(),
+            &options.secret,
+        );
+        let server = LinkServer::bind(
+            options.link_listen,
+            creds.clone(),
+            source,
+            options.link.clone(),
+        )
+        .await?;
+        let link_addr = options
+            .link_advertise
+            .map(|a| {
+                SocketAddr::new(
+                    a.ip(),
+                    if a.port() == 0 {
+                        server.local_addr().port()
+                    } else {
+                        a.port()
+                    },
+                )
+            })
+            .unwrap_or_else(|| {
+                SocketAddr::new(options.gossip_advertise.ip(), server.local_addr().port())
+            });
+        let cluster = Cluster::join(&options, link_addr).await?;
+        Ok(Fabric {
+            cluster,
+            links: Links::new(creds, options.link.clone()),
+            server,
+        })
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn links(&self) -> &Links {
+        &self.links
+    }
+
+    /// Where this node's link listener is bound.
+    pub fn link_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Fetches as long a prefix of `keys` as peers hold, nearest holder first, each page
+    /// `page_bytes` long, before `deadline`.
+    ///
+    /// A candidate that serves fewer pages than its digest claimed was a false positive; one
+    /// that fails (dead, refused, corrupt page) is recorded. Either way the next candidate is
+    /// asked for the keys still missing, so a dying peer costs the pages it did not send, not
+    /// the ones it did. With no candidate left the caller recomputes the rest.
+    pub async fn fetch_prefix(
+        &self,
+        keys: &[BlockKey],
+        page_bytes: u64,
+        deadline: Instant,
+    ) -> FetchOutcome {
+        let mut outcome = FetchOutcome::default();
+        let mut tried: Vec<NodeId> = Vec::new();
+        while outcome.pages.len() < keys.len() && Instant::now() < deadline {
+            let rest = &keys[outcome.pages.len()..];
+            let next = self
+                .cluster
+                .candidates(rest)
+                .into_iter()
+                .find(|c| !tried.contains(&c.member.node_id));
+            let Some(candidate) = next else { break };
+            let node = candidate.member.node_id.clone();
+            tried.push(node.clone());
+            let (client, fresh) = match self.links.get(candidate.member.link_addr).await {
+                Ok(link) => link,
+                Err(e) => {
+                    outcome.failures.push((node, e));
+                    continue;
+                }
+            };
+            if fresh {
+                self.cluster.observe_rtt(&node, client.handshake_rtt());
+            }
+            let claimed = candidate.claimed.min(rest.len());
+            let (pages, error) = client
+                .fetch(&rest[..claimed], page_bytes, deadline)
+                .collect()
+                .await;
+            if pages.is_empty() && error.is_none() {
+                outcome.false_positives += 1;
+                tracing::debug!(peer = %node, "digest false positive; trying the next holder");
+            }
+            outcome.pages.extend(pages);
+            if let Some(e) = error {
+                tracing::warn!(peer = %node, error = %e, got = outcome.pages.len(), "fetch from peer failed; trying the next holder");
+                if client.is_closed() {
+                    self.links.forget(client.addr());
+                }
+                outcome.failures.push((node, e));
+            }
+        }
+        outcome
+    }
+
+    /// Leaves the gossip and stops serving.
+    pub async fn shutdown(self) {
+        let Fabric {
+            cluster,
+            links: _,
+            server,
+        } = self;
+        drop(server);
+        cluster.leave().await;
+    }
+}
