@@ -184,7 +184,7 @@ def test_kill_9_during_heavy_writes_keeps_every_acknowledged_block(
     assert check_ssd(ssd_dir).returncode == 0, "a torn tail is expected after a crash, not corrupt"
 
     node.start()
-    assert "dropped a torn record" in node.log()
+    assert "dropped a torn tail" in node.log()
     with node.client() as client, HostKvRegion(CHURN_NAMESPACE, BLOCKS) as region:
         for seed in proven:
             assert load_prompt(client, region, seed) == BLOCKS, f"acknowledged prompt {seed}"

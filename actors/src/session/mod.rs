@@ -1,7 +1,7 @@
 //! `SessionActor`: one per connector connection.
 //!
-//! A reader task turns the socket into `Frame` messages, in order; a writer task owns the
-//! socket's write half and sends replies as they are ready. Ops that change the session
+//! A reader task turns the socket into `Frame` messages, in order; replies are written to the
+//! socket's write half as they are ready, by whichever task finished the op. Ops that change the session
 //! (`hello`, `register`, `release`) run inside the actor, in order; `save` and `load` are
 //! validated in order and then run as their own tasks, so a long load never holds back a
 //! lookup. When the connection ends, the session returns every lease and region it held.
@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::context::NodeContext;
@@ -28,10 +26,7 @@ use crate::protocol::{
     Request,
 };
 use crate::transfer::{RegionId, TransferMsg};
-use responder::Responder;
-
-/// Replies waiting for the writer; bounded so a client that never reads cannot grow the node.
-const REPLY_QUEUE: usize = 1024;
+use responder::{ReplySink, Responder};
 
 /// An engine registered on this session.
 pub struct Engine {
@@ -61,7 +56,7 @@ pub struct SessionArgs {
 pub struct SessionState {
     id: OwnerId,
     ctx: Arc<NodeContext>,
-    replies: mpsc::Sender<Vec<u8>>,
+    replies: ReplySink,
     engines: HashMap<u32, Arc<Engine>>,
     next_engine: u32,
     reader: JoinHandle<()>,
@@ -81,8 +76,7 @@ impl Actor for SessionActor {
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
         let (read_half, write_half) = args.stream.into_split();
-        let (replies, queue) = mpsc::channel(REPLY_QUEUE);
-        tokio::spawn(write_replies(write_half, queue));
+        let replies = ReplySink::new(write_half);
         let reader = tokio::spawn(read_frames(
             read_half,
             myself,
@@ -173,7 +167,7 @@ async fn handle_frame(state: &mut SessionState, payload: &[u8], arrived: Instant
 async fn read_frames(
     mut reader: tokio::net::unix::OwnedReadHalf,
     session: ActorRef<SessionMsg>,
-    replies: mpsc::Sender<Vec<u8>>,
+    replies: ReplySink,
     max_frame: u64,
     id: OwnerId,
 ) {
@@ -201,7 +195,7 @@ async fn read_frames(
                     format!("frame of {len} bytes exceeds socket.max_frame of {limit} bytes; closing the connection"),
                 );
                 if let Ok(frame) = encode_frame(&encode_reply(None, &Err(error))) {
-                    let _ = replies.send(frame).await;
+                    replies.write(&frame).await;
                 }
                 break;
             }
@@ -212,16 +206,4 @@ async fn read_frames(
         }
     }
     let _ = session.cast(SessionMsg::Closed);
-}
-
-async fn write_replies(
-    mut writer: tokio::net::unix::OwnedWriteHalf,
-    mut queue: mpsc::Receiver<Vec<u8>>,
-) {
-    while let Some(frame) = queue.recv().await {
-        if writer.write_all(&frame).await.is_err() {
-            return;
-        }
-    }
-    let _ = writer.shutdown().await;
 }

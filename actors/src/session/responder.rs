@@ -2,19 +2,40 @@
 
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::Mutex;
 
 use super::SessionState;
 use crate::context::NodeContext;
 use crate::protocol::{encode_frame, encode_reply, ProtoError, ReplyBody};
 use std::sync::Arc;
 
+/// The socket's write half, shared by the session and the ops it runs; each frame is written
+/// whole under the lock. Writing in place, rather than through a writer task, saves a task
+/// wake-up per reply, which is most of a lookup's latency. Dropping the last handle shuts the
+/// socket's write side, so a client sees every reply and then the end of the stream.
+#[derive(Clone)]
+pub struct ReplySink(Arc<Mutex<OwnedWriteHalf>>);
+
+impl ReplySink {
+    /// Shares `writer` between the session's replies.
+    pub fn new(writer: OwnedWriteHalf) -> Self {
+        Self(Arc::new(Mutex::new(writer)))
+    }
+
+    /// Writes one encoded frame; a broken connection just drops it (its reader ends the session).
+    pub async fn write(&self, frame: &[u8]) {
+        let _ = self.0.lock().await.write_all(frame).await;
+    }
+}
+
 /// Owed reply to one request; consumed by [`Responder::send`].
 pub struct Responder {
     id: Option<u64>,
     op: &'static str,
     arrived: Instant,
-    replies: mpsc::Sender<Vec<u8>>,
+    replies: ReplySink,
     ctx: Arc<NodeContext>,
 }
 
@@ -30,7 +51,7 @@ impl Responder {
         }
     }
 
-    /// Encodes and queues the reply; a closed connection just drops it.
+    /// Encodes and writes the reply; a closed connection just drops it.
     pub async fn send(self, result: Result<ReplyBody, ProtoError>) {
         self.ctx
             .metrics
@@ -39,7 +60,7 @@ impl Responder {
             tracing::debug!(op = self.op, code = error.code.as_str(), message = %error.message, "error reply");
         }
         if let Ok(frame) = encode_frame(&encode_reply(self.id, &result)) {
-            let _ = self.replies.send(frame).await;
+            self.replies.write(&frame).await;
         }
     }
 
