@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-observability-deps.sh
+bash scripts/install-build-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p pegaflow-fabric --features rdma --all-targets --locked -- -D warnings
 cargo build --workspace --locked
 cargo test --workspace --locked
 
