@@ -137,22 +137,56 @@ async fn recover_kill(
         effect: String::new(),
         recovered: Some(false),
     };
-    let began = Instant::now();
-    if let Err(error) = replay.nodes[n].start().await {
-        record.effect = format!("did not restart: {error}");
-        return record;
+    match come_back(replay, node).await {
+        Ok(back) => {
+            let torn = replay.nodes[n].log_lines("torn").len();
+            record.effect = format!(
+                "serving again {:.2} s after start; {} engines re-registered; {} acknowledged blocks checked after the crash: {} lost, {} corrupt; torn-record log lines: {torn}",
+                back.started_s, back.engines, back.checked, back.lost, back.corrupt
+            );
+            record.recovered = Some(back.recovered());
+        }
+        Err(effect) => record.effect = effect,
     }
+    record
+}
+
+/// What a node showed when it came back after a kill or a restart.
+struct Comeback {
+    started_s: f64,
+    engines: u32,
+    checked: u64,
+    lost: u64,
+    corrupt: u64,
+}
+
+impl Comeback {
+    /// Nothing acknowledged lost or corrupt, and the engines found their node again.
+    fn recovered(&self) -> bool {
+        self.lost == 0 && self.corrupt == 0 && self.engines > 0
+    }
+}
+
+/// Starts a stopped node again, re-registers its engines and checks every block it acknowledged.
+async fn come_back(replay: &mut Replay<'_>, node: u32) -> Result<Comeback, String> {
+    let n = node as usize;
+    let began = Instant::now();
+    replay.nodes[n]
+        .start()
+        .await
+        .map_err(|error| format!("did not restart: {error}"))?;
     let started_s = began.elapsed().as_secs_f64();
     replay.nodes[n].restarts += 1;
     replay.down[n] = false;
     let engines = replay.reconnect(node).await;
     let (checked, lost, corrupt) = replay.verify_acked(node).await;
-    let torn = replay.nodes[n].log_lines("torn").len();
-    record.effect = format!(
-        "serving again {started_s:.2} s after start; {engines} engines re-registered; {checked} acknowledged blocks checked after the crash: {lost} lost, {corrupt} corrupt; torn-record log lines: {torn}"
-    );
-    record.recovered = Some(lost == 0 && corrupt == 0 && engines > 0);
-    record
+    Ok(Comeback {
+        started_s,
+        engines,
+        checked,
+        lost,
+        corrupt,
+    })
 }
 
 /// Graceful SIGTERM and start again: everything acknowledged must still be there.
@@ -170,17 +204,16 @@ async fn restart(replay: &mut Replay<'_>, node: u32, at_ms: u64) -> FaultRecord 
         replay.engine_mut(e).disconnect();
     }
     let _ = replay.nodes[n].stop().await;
-    if let Err(error) = replay.nodes[n].start().await {
-        record.effect = format!("did not restart: {error}");
-        return record;
+    match come_back(replay, node).await {
+        Ok(back) => {
+            record.effect = format!(
+                "{} engines re-registered; {} acknowledged blocks checked: {} lost, {} corrupt",
+                back.engines, back.checked, back.lost, back.corrupt
+            );
+            record.recovered = Some(back.recovered());
+        }
+        Err(effect) => record.effect = effect,
     }
-    replay.nodes[n].restarts += 1;
-    let engines = replay.reconnect(node).await;
-    let (checked, lost, corrupt) = replay.verify_acked(node).await;
-    record.effect = format!(
-        "{engines} engines re-registered; {checked} acknowledged blocks checked: {lost} lost, {corrupt} corrupt"
-    );
-    record.recovered = Some(lost == 0 && corrupt == 0 && engines > 0);
     record
 }
 
