@@ -129,14 +129,12 @@ async fn recover_kill(
     }
     let last = replay.kill_snapshots[n].take();
     replay.nodes[n].reap(last).await;
-    let mut record = FaultRecord {
+    let mut record = FaultRecord::pending(
         at_ms,
-        kind: "kill_node".into(),
-        target: format!("node {node}"),
-        action: format!("SIGKILL under load, restart {after_ms} ms (virtual) later"),
-        effect: String::new(),
-        recovered: Some(false),
-    };
+        "kill_node",
+        format!("node {node}"),
+        format!("SIGKILL under load, restart {after_ms} ms (virtual) later"),
+    );
     match come_back(replay, node).await {
         Ok(back) => {
             let torn = replay.nodes[n].log_lines("torn").len();
@@ -192,14 +190,12 @@ async fn come_back(replay: &mut Replay<'_>, node: u32) -> Result<Comeback, Strin
 /// Graceful SIGTERM and start again: everything acknowledged must still be there.
 async fn restart(replay: &mut Replay<'_>, node: u32, at_ms: u64) -> FaultRecord {
     let n = node as usize;
-    let mut record = FaultRecord {
+    let mut record = FaultRecord::pending(
         at_ms,
-        kind: "restart_node".into(),
-        target: format!("node {node}"),
-        action: "SIGTERM (drain), start again".into(),
-        effect: String::new(),
-        recovered: Some(false),
-    };
+        "restart_node",
+        format!("node {node}"),
+        "SIGTERM (drain), start again".into(),
+    );
     for e in replay.engines_of(node) {
         replay.engine_mut(e).disconnect();
     }
@@ -224,15 +220,12 @@ async fn restart_engine(replay: &mut Replay<'_>, engine: u32, at_ms: u64) -> Fau
     let node = replay.engine_mut(e).node;
     let keys = replay.last_keys(e);
     let socket = replay.nodes[node as usize].socket.clone();
-    let mut record = FaultRecord {
+    let mut record = FaultRecord::pending(
         at_ms,
-        kind: "restart_engine".into(),
-        target: format!("engine {engine} (node {node})"),
-        action: "connection dropped while holding a lookup lease; engine re-registers a new region"
-            .into(),
-        effect: String::new(),
-        recovered: Some(false),
-    };
+        "restart_engine",
+        format!("engine {engine} (node {node})"),
+        "connection dropped while holding a lookup lease; engine re-registers a new region".into(),
+    );
     let leased = match replay.engine_mut(e).crash(&keys, &socket).await {
         Ok(leased) => leased,
         Err(error) => {
@@ -494,14 +487,7 @@ async fn recover_fill(
     after_ms: u64,
 ) -> FaultRecord {
     let n = node as usize;
-    let mut record = FaultRecord {
-        at_ms,
-        kind: "fill_disk".into(),
-        target: format!("node {node}"),
-        action: format!("filled its SSD tmpfs to ENOSPC; freed {after_ms} ms (virtual) later and restarted the node"),
-        effect: String::new(),
-        recovered: Some(false),
-    };
+    let mut record = FaultRecord::pending(at_ms, "fill_disk", format!("node {node}"), format!("filled its SSD tmpfs to ENOSPC; freed {after_ms} ms (virtual) later and restarted the node"));
     let during = replay.nodes[n].stats().await.ok().and_then(|s| s.ssd);
     if let Some(dir) = replay.nodes[n].fill_dir.clone() {
         let _ = std::fs::remove_file(dir.join(BALLAST));

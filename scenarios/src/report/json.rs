@@ -161,6 +161,20 @@ pub struct FaultRecord {
     pub recovered: Option<bool>,
 }
 
+impl FaultRecord {
+    /// A fault just applied: no effect observed yet, not recovered until shown otherwise.
+    pub fn pending(at_ms: u64, kind: &str, target: String, action: String) -> Self {
+        Self {
+            at_ms,
+            kind: kind.into(),
+            target,
+            action,
+            effect: String::new(),
+            recovered: Some(false),
+        }
+    }
+}
+
 /// The invariants a chaos run must keep.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Checks {
