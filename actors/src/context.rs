@@ -7,6 +7,7 @@ use std::time::Instant;
 use ractor::{ActorRef, RpcReplyPort};
 
 use crate::metrics::Metrics;
+use crate::peers::Peers;
 use crate::pool::{PoolMsg, PoolStats};
 use crate::protocol::{ErrorCode, ProtoError};
 use crate::stats::NodeStats;
@@ -21,6 +22,8 @@ pub struct NodeContext {
     pub dma: &'static str,
     pub max_frame_bytes: u64,
     pub max_page_bytes: u64,
+    /// The fabric, when `fabric.enabled`: lookups and loads then cover peers' memory too.
+    pub peers: Option<Arc<Peers>>,
     pub started: Instant,
     draining: AtomicBool,
 }
@@ -34,6 +37,7 @@ impl NodeContext {
         dma: &'static str,
         max_frame_bytes: u64,
         max_page_bytes: u64,
+        peers: Option<Arc<Peers>>,
     ) -> Self {
         Self {
             pool,
@@ -42,6 +46,7 @@ impl NodeContext {
             dma,
             max_frame_bytes,
             max_page_bytes,
+            peers,
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }
@@ -67,12 +72,14 @@ impl NodeContext {
     /// The stats document, asking the pool for its occupancy.
     pub async fn stats(&self) -> Result<NodeStats, ProtoError> {
         let pool: PoolStats = ask(&self.pool, "pool", |reply| PoolMsg::Stats { reply }).await?;
-        Ok(NodeStats::collect(
+        let mut stats = NodeStats::collect(
             &self.metrics,
             pool,
             self.dma,
             self.started.elapsed().as_secs(),
-        ))
+        );
+        stats.fabric = self.peers.as_ref().map(|peers| peers.stats());
+        Ok(stats)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod metrics;
 pub mod node;
 pub mod otlp;
+pub mod peers;
 pub mod pool;
 pub mod protocol;
 pub mod session;

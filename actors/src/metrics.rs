@@ -323,15 +323,19 @@ impl Metrics {
         }
     }
 
-    /// Counts one lookup of `asked` keys that found `hits` (of which `ssd_hits` on SSD).
-    pub fn lookup_done(&self, asked: u64, hits: u64, ssd_hits: u64) {
+    /// Counts one lookup of `asked` keys that found `hits` (of which `ssd_hits` on SSD only and
+    /// `remote_hits` on peers only).
+    pub fn lookup_done(&self, asked: u64, hits: u64, ssd_hits: u64, remote_hits: u64) {
         self.lookup_blocks_total.inc_by(asked);
         self.lookup_hit_blocks_total
             .with_label_values(&["memory"])
-            .inc_by(hits - ssd_hits);
+            .inc_by(hits - ssd_hits - remote_hits);
         self.lookup_hit_blocks_total
             .with_label_values(&["ssd"])
             .inc_by(ssd_hits);
+        self.lookup_hit_blocks_total
+            .with_label_values(&["remote"])
+            .inc_by(remote_hits);
         self.lookup_miss_blocks_total.inc_by(asked - hits);
     }
 
@@ -406,6 +410,9 @@ mod tests {
         metrics.add_device("host");
         // Error codes get a series once sent.
         metrics.errors_total.with_label_values(&["internal"]);
+        // The fabric's series, registered when `fabric.enabled`; per-peer ones once measured.
+        let fabric = crate::peers::FabricMetrics::new(metrics.registry()).expect("fabric metrics");
+        fabric.peer_rtt("peer-a", Duration::from_millis(1));
         let exported: BTreeSet<String> = metrics
             .registry()
             .gather()

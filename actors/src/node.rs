@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::context::NodeContext;
 use crate::metrics::Metrics;
+use crate::peers::{FabricMetrics, Peers};
 use crate::pool::{OwnerId, PoolActor, PoolState};
 use crate::session::{release_session, SessionActor, SessionArgs};
 use crate::ssd::{SsdError, SsdTier};
@@ -49,6 +50,8 @@ pub enum StartError {
     Ssd(#[from] SsdError),
     #[error(transparent)]
     Otlp(#[from] crate::otlp::OtlpError),
+    #[error("cannot join the fabric: {0}")]
+    Fabric(#[from] pegaflow_fabric::FabricError),
 }
 
 /// Messages of the supervisor.
@@ -172,6 +175,9 @@ impl RunningNode {
     /// copies a moment to finish, stop the actors, and remove the socket file.
     pub async fn shutdown(self) {
         self.accept.abort();
+        if let Some(peers) = &self.ctx.peers {
+            peers.leave().await;
+        }
         if let Err(error) = ractor::call_t!(self.supervisor, NodeMsg::Drain, 5_000) {
             tracing::warn!(%error, "drain did not complete");
         }
@@ -222,6 +228,13 @@ async fn start_serving(
     let (pool, _) = Actor::spawn(None, PoolActor, pool_state)
         .await
         .map_err(|e| StartError::Spawn("pool", e.to_string()))?;
+    let peers = match config.fabric.enabled {
+        true => {
+            let fabric_metrics = FabricMetrics::new(metrics.registry())?;
+            Some(Peers::start(&config.fabric, pool.clone(), arena.clone(), fabric_metrics).await?)
+        }
+        false => None,
+    };
     let ctx = Arc::new(NodeContext::new(
         pool,
         transfer,
@@ -229,6 +242,7 @@ async fn start_serving(
         dma,
         config.socket.max_frame.0,
         config.pool.max_page_size.0,
+        peers,
     ));
     let (supervisor, _) = Actor::spawn(None, Supervisor, ctx.clone())
         .await

@@ -262,6 +262,9 @@ pub struct NodeStats {
     /// Error replies by code (codes never sent are absent).
     #[serde(default)]
     pub errors: BTreeMap<String, u64>,
+    /// The fabric; absent when `fabric.enabled` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric: Option<crate::peers::FabricStats>,
 }
 
 impl NodeStats {
@@ -300,6 +303,7 @@ impl NodeStats {
             transfers,
             requests,
             errors: counts_by(&metrics.errors_total, "code"),
+            fabric: None,
         }
     }
 }

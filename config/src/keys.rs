@@ -83,6 +83,7 @@ pub(crate) const KEYS: &[Key] = {
         key("fabric.secret", None, Text, TEXT),
         key("fabric.gossip_interval_ms", None, Value, MILLIS),
         key("fabric.failure_timeout_ms", None, Value, MILLIS),
+        key("fabric.fetch_timeout_ms", None, Value, MILLIS),
         key(
             "otlp.endpoint",
             Some("--otlp-endpoint"),

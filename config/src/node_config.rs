@@ -173,6 +173,8 @@ pub struct FabricConfig {
     pub gossip_interval_ms: u64,
     /// Silence after which a peer is considered dead.
     pub failure_timeout_ms: u64,
+    /// How long a load waits for peers' pages before the engine recomputes the rest.
+    pub fetch_timeout_ms: u64,
 }
 
 impl Default for FabricConfig {
@@ -188,6 +190,7 @@ impl Default for FabricConfig {
             secret: None,
             gossip_interval_ms: 500,
             failure_timeout_ms: 5000,
+            fetch_timeout_ms: 2000,
         }
     }
 }

@@ -82,6 +82,7 @@ fn no_layers_gives_defaults() {
     assert_eq!(d.fabric.listen.to_string(), "0.0.0.0:9096");
     assert_eq!(d.fabric.gossip_interval_ms, 500);
     assert_eq!(d.fabric.failure_timeout_ms, 5000);
+    assert_eq!(d.fabric.fetch_timeout_ms, 2000);
     assert_eq!(d.otlp.endpoint, None);
     assert_eq!(d.otlp.interval_ms, 10_000);
     assert_eq!(d.log.level, "info");

@@ -74,6 +74,7 @@ pub(crate) fn validate(config: &NodeConfig, sources: &Sources) -> Result<(), Con
     for (key, millis) in [
         ("fabric.gossip_interval_ms", fabric.gossip_interval_ms),
         ("fabric.failure_timeout_ms", fabric.failure_timeout_ms),
+        ("fabric.fetch_timeout_ms", fabric.fetch_timeout_ms),
         ("otlp.interval_ms", config.otlp.interval_ms),
     ] {
         check(

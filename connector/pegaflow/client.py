@@ -31,10 +31,13 @@ Reply = dict[str, Any]
 
 @dataclass(frozen=True)
 class LookupResult:
-    """`hits`: length of the longest held prefix; `lease`: id to `release`, if one was taken."""
+    """`hits`: length of the longest held prefix; `lease`: id to `release`, if one was taken;
+    `remote_hits`: how many of the `hits` only the node's fabric peers hold (a load fetches them
+    first, and may get fewer)."""
 
     hits: int
     lease: int | None
+    remote_hits: int = 0
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,7 @@ class Client:
 
     def lookup(self, keys: Sequence[bytes], lease: bool = False) -> LookupResult:
         reply = self._call("lookup", keys=keys, lease=lease)
-        return LookupResult(reply["hits"], reply.get("lease"))
+        return LookupResult(reply["hits"], reply.get("lease"), reply.get("remote_hits", 0))
 
     def save(
         self,

@@ -217,7 +217,7 @@ impl Cluster {
     }
 
     /// Stops gossiping; peers declare this node dead within their failure timeout.
-    pub async fn leave(self) {
+    pub async fn leave(&self) {
         if let Err(e) = self.inner.chitchat.initiate_shutdown() {
             tracing::debug!(error = %e, "gossip already stopped");
         }

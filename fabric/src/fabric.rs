@@ -28,6 +28,14 @@ pub struct Fabric {
 pub struct FetchOutcome {
     /// Verified pages of the leading keys, in order; empty means recompute.
     pub pages: Vec<FetchedPage>,
+    pub report: FetchReport,
+}
+
+/// How a fetch went, apart from the pages themselves.
+#[derive(Debug, Default)]
+pub struct FetchReport {
+    /// Pages handed to the sink: the leading keys fetched, in order.
+    pub delivered: usize,
     /// Candidates whose digest claimed the next key but that did not hold it.
     pub false_positives: u32,
     /// Candidates that failed (dead, refused, corrupt page, deadline), in the order tried.
@@ -88,23 +96,39 @@ impl Fabric {
         self.server.local_addr()
     }
 
-    /// Fetches as long a prefix of `keys` as peers hold, nearest holder first, each page
-    /// `page_bytes` long, before `deadline`.
-    ///
-    /// A candidate that serves fewer pages than its digest claimed was a false positive; one
-    /// that fails (dead, refused, corrupt page) is recorded. Either way the next candidate is
-    /// asked for the keys still missing, so a dying peer costs the pages it did not send, not
-    /// the ones it did. With no candidate left the caller recomputes the rest.
+    /// Fetches as long a prefix of `keys` as peers hold, collected in memory (tests, tools).
     pub async fn fetch_prefix(
         &self,
         keys: &[BlockKey],
         page_bytes: u64,
         deadline: Instant,
     ) -> FetchOutcome {
-        let mut outcome = FetchOutcome::default();
+        let mut pages = Vec::new();
+        let report = self
+            .fetch_prefix_into(keys, page_bytes, deadline, |page| pages.push(page))
+            .await;
+        FetchOutcome { pages, report }
+    }
+
+    /// Fetches as long a prefix of `keys` as peers hold, each page `page_bytes` long, before
+    /// `deadline`, handing each verified page to `sink` as it arrives (the node copies it
+    /// straight into its pool), in key order.
+    ///
+    /// A candidate that serves fewer pages than its digest claimed was a false positive; one
+    /// that fails (dead, refused, corrupt page) is recorded. Either way the next candidate is
+    /// asked for the keys still missing, so a dying peer costs the pages it did not send, not
+    /// the ones it did. With no candidate left the caller recomputes the rest.
+    pub async fn fetch_prefix_into(
+        &self,
+        keys: &[BlockKey],
+        page_bytes: u64,
+        deadline: Instant,
+        mut sink: impl FnMut(FetchedPage),
+    ) -> FetchReport {
+        let mut report = FetchReport::default();
         let mut tried: Vec<NodeId> = Vec::new();
-        while outcome.pages.len() < keys.len() && Instant::now() < deadline {
-            let rest = &keys[outcome.pages.len()..];
+        while report.delivered < keys.len() && Instant::now() < deadline {
+            let rest = &keys[report.delivered..];
             let next = self
                 .cluster
                 .candidates(rest)
@@ -116,7 +140,8 @@ impl Fabric {
             let (client, fresh) = match self.links.get(candidate.member.link_addr).await {
                 Ok(link) => link,
                 Err(e) => {
-                    outcome.failures.push((node, e));
+                    tracing::warn!(peer = %node, error = %e, "cannot reach peer; trying the next holder");
+                    report.failures.push((node, e));
                     continue;
                 }
             };
@@ -124,24 +149,37 @@ impl Fabric {
                 self.cluster.observe_rtt(&node, client.handshake_rtt());
             }
             let claimed = candidate.claimed.min(rest.len());
-            let (pages, error) = client
-                .fetch(&rest[..claimed], page_bytes, deadline)
-                .collect()
-                .await;
-            if pages.is_empty() && error.is_none() {
-                outcome.false_positives += 1;
+            let mut stream = client.fetch(&rest[..claimed], page_bytes, deadline);
+            let before = report.delivered;
+            let mut error = None;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(page) => {
+                        report.delivered += 1;
+                        sink(page);
+                    }
+                    Err(e) => error = Some(e),
+                }
+            }
+            if report.delivered == before && error.is_none() {
+                report.false_positives += 1;
                 tracing::debug!(peer = %node, "digest false positive; trying the next holder");
             }
-            outcome.pages.extend(pages);
             if let Some(e) = error {
-                tracing::warn!(peer = %node, error = %e, got = outcome.pages.len(), "fetch from peer failed; trying the next holder");
+                tracing::warn!(peer = %node, error = %e, got = report.delivered, "fetch from peer failed; trying the next holder");
                 if client.is_closed() {
                     self.links.forget(client.addr());
                 }
-                outcome.failures.push((node, e));
+                report.failures.push((node, e));
             }
         }
-        outcome
+        report
+    }
+
+    /// Leaves the gossip, so peers stop ranking this node, but keeps serving links until
+    /// dropped (a node draining on shutdown).
+    pub async fn leave(&self) {
+        self.cluster.leave().await;
     }
 
     /// Leaves the gossip and stops serving.

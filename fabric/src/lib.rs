@@ -34,7 +34,7 @@ pub use change::{ChangeStream, MemberChange};
 pub use cluster::Cluster;
 pub use digest::{DigestShape, LocalDigest, RemoteDigest};
 pub use error::{FabricError, FrameError, HandshakeError, LinkError, SourceError};
-pub use fabric::{Fabric, FetchOutcome};
+pub use fabric::{Fabric, FetchOutcome, FetchReport};
 pub use link::client::{FetchStream, FetchedPage, LinkClient, LinkOptions, Links};
 pub use link::server::LinkServer;
 pub use member::{Member, NodeId};

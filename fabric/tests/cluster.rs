@@ -40,7 +40,11 @@ async fn published_key_is_visible_everywhere_and_fetched_byte_exact() {
         .fabric
         .fetch_prefix(&keys, PAGE as u64, Instant::now() + Duration::from_secs(5))
         .await;
-    assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+    assert!(
+        outcome.report.failures.is_empty(),
+        "{:?}",
+        outcome.report.failures
+    );
     assert_eq!(
         outcome.pages.len(),
         4,
@@ -87,12 +91,15 @@ async fn false_positive_and_corrupt_holder_fall_through_to_the_next() {
         outcome.pages.is_empty(),
         "a corrupt page is never handed out"
     );
-    assert_eq!(outcome.false_positives, 1);
-    assert_eq!(outcome.failures.len(), 1);
+    assert_eq!(outcome.report.false_positives, 1);
+    assert_eq!(outcome.report.failures.len(), 1);
     assert!(
-        outcome.failures[0].1.to_string().contains("checksum"),
+        outcome.report.failures[0]
+            .1
+            .to_string()
+            .contains("checksum"),
         "{}",
-        outcome.failures[0].1
+        outcome.report.failures[0].1
     );
 
     // Now b holds the first key intact: a's false claim falls through to b.

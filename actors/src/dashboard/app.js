@@ -159,6 +159,7 @@ function render() {
     health.textContent = ssd.healthy ? "healthy" : "writes stopped";
     health.className = ssd.healthy ? "ok" : "bad";
   }
+  renderFabric(s.fabric);
   const codes = Object.entries(s.errors || {}).map(([c, n]) => `${c} ${fmt.count(n)}`);
   document.getElementById("error-codes").textContent = codes.length ? codes.join(", ") : "none";
 
@@ -189,6 +190,19 @@ function render() {
   chart("chart-lat", ["lookup", "save", "load"].map((op) => ({
     color: css("--" + op), points: deltas.map((d) => [d.t, d.p99[op]]),
   })), fmt.seconds);
+}
+
+function renderFabric(fabric) {
+  const show = (id, on) => { document.getElementById(id).style.display = on ? "" : "none"; };
+  show("fabric-off", !fabric); show("fabric-on", !!fabric); show("fabric-foot", !!fabric);
+  show("fabric-table", !!fabric); show("fabric-empty", !fabric);
+  if (!fabric) return;
+  document.getElementById("fabric-peer-count").textContent = fmt.count(fabric.peers.length);
+  document.getElementById("fabric-self").textContent = "this node: " + fabric.node_id;
+  rows("peer-rows", fabric.peers.map((p) => `<tr data-peer="${p.node_id}"><td>${p.node_id}</td><td>${p.link_addr}</td>` +
+    `<td>${p.zone || "-"}</td><td>${p.host}</td><td>${(p.load * 100).toFixed(0)} %</td>` +
+    `<td>${p.rtt_ms == null ? "not measured" : p.rtt_ms.toFixed(2) + " ms"}</td></tr>`).join("") ||
+    `<tr><td colspan="6" class="muted">no live peers</td></tr>`);
 }
 
 async function poll() {

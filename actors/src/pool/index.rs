@@ -122,6 +122,11 @@ impl PageIndex {
         self.entries.remove(&key).map(|entry| (key, entry))
     }
 
+    /// Every stored key.
+    pub fn keys(&self) -> Vec<BlockKey> {
+        self.entries.keys().copied().collect()
+    }
+
     /// Pages stored.
     pub fn len(&self) -> usize {
         self.entries.len()

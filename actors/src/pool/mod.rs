@@ -13,6 +13,7 @@
 
 mod allocator;
 mod index;
+mod residency;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use allocator::{Extent, ExtentAllocator};
 pub use index::{PageEntry, PageIndex};
+pub use residency::ResidencyFeed;
 
 use crate::keys::BlockKey;
 use crate::metrics::Metrics;
@@ -71,6 +73,17 @@ pub enum PoolMsg {
     Persist {
         keys: Vec<BlockKey>,
         reply: RpcReplyPort<u32>,
+    },
+    /// Pins the longest prefix of `keys` held in memory, for a peer's fetch; ended by
+    /// [`PoolMsg::EndTransfer`]. SSD-only pages are not served to peers.
+    LeaseForPeer {
+        keys: Vec<BlockKey>,
+        reply: RpcReplyPort<LoadGrant>,
+    },
+    /// From now on, tells `feed` every key entering or leaving memory; it first hears every
+    /// key held now.
+    AttachFeed {
+        feed: Box<dyn ResidencyFeed>,
     },
     /// Ends a transfer's lease: aborts an uncommitted save or unpins a load.
     EndTransfer {
@@ -187,6 +200,7 @@ pub struct PoolState {
     evictions: u64,
     metrics: Arc<Metrics>,
     ssd: Option<SsdTier>,
+    feed: Option<Box<dyn ResidencyFeed>>,
 }
 
 impl PoolState {
@@ -204,6 +218,7 @@ impl PoolState {
             evictions: 0,
             metrics,
             ssd,
+            feed: None,
         };
         state.publish();
         state
@@ -288,6 +303,7 @@ impl PoolState {
                 return Some(extent);
             }
             let (key, victim) = self.index.evict_lru()?;
+            self.tell_feed(&[], &[key]);
             if let Some(ssd) = self.ssd.as_mut() {
                 ssd.spill(&key, &victim, victim.was_hit());
             }
@@ -304,7 +320,7 @@ impl PoolState {
         else {
             return 0;
         };
-        let mut stored = 0;
+        let mut added = Vec::with_capacity(pages.len());
         for (i, (key, extent)) in pages.into_iter().enumerate() {
             self.finish_writing(&key, extent);
             let Some(&crc) = crcs.get(i) else {
@@ -313,7 +329,7 @@ impl PoolState {
             };
             match self.index.insert(key, extent, page_bytes, crc) {
                 Ok(()) => {
-                    stored += 1;
+                    added.push(key);
                     if self.ssd.as_mut().is_some_and(|ssd| ssd.seen_before(&key)) {
                         self.index.touch(&key);
                     }
@@ -321,8 +337,9 @@ impl PoolState {
                 Err(extent) => self.allocator.free(extent),
             }
         }
+        self.tell_feed(&added, &[]);
         self.publish();
-        stored
+        added.len() as u32
     }
 
     /// See [`PoolMsg::AcquireLoad`]. Pins the leading blocks held in memory and reserves an
@@ -388,6 +405,7 @@ impl PoolState {
         let mut done = done.iter().copied();
         let mut pages = Vec::new();
         let mut pinned = Vec::new();
+        let mut promoted = Vec::new();
         let mut broken = false;
         for step in pending.steps {
             match step {
@@ -408,9 +426,9 @@ impl PoolState {
                         continue;
                     }
                     // A save may have stored the same block meanwhile: keep its page.
-                    if let Err(extent) = self.index.insert(key, extent, pending.page_bytes, crc32c)
-                    {
-                        self.allocator.free(extent);
+                    match self.index.insert(key, extent, pending.page_bytes, crc32c) {
+                        Ok(()) => promoted.push(key),
+                        Err(extent) => self.allocator.free(extent),
                     }
                     if broken {
                         continue;
@@ -428,6 +446,7 @@ impl PoolState {
         if let Some(Lease::Pinned { keys, .. }) = self.leases.get_mut(&pending.lease) {
             *keys = pinned;
         }
+        self.tell_feed(&promoted, &[]);
         self.publish();
         LoadGrant {
             lease: pending.lease,
@@ -440,6 +459,39 @@ impl PoolState {
         let lease = grant.lease;
         if reply.send(grant).is_err() {
             self.end_transfer(lease);
+        }
+    }
+
+    /// See [`PoolMsg::LeaseForPeer`].
+    pub fn lease_for_peer(&mut self, keys: &[BlockKey]) -> LoadGrant {
+        let mut pinned = Vec::new();
+        let mut pages = Vec::new();
+        for key in keys {
+            let Some(entry) = self.index.lease(key) else {
+                break;
+            };
+            pinned.push(*key);
+            pages.push(entry);
+        }
+        let lease = self.new_lease(Lease::Pinned {
+            owner: None,
+            keys: pinned,
+        });
+        self.publish();
+        LoadGrant { lease, pages }
+    }
+
+    /// See [`PoolMsg::AttachFeed`].
+    pub fn attach_feed(&mut self, feed: Box<dyn ResidencyFeed>) {
+        feed.changed(&self.index.keys(), &[]);
+        self.feed = Some(feed);
+    }
+
+    fn tell_feed(&self, added: &[BlockKey], removed: &[BlockKey]) {
+        if let Some(feed) = &self.feed {
+            if !added.is_empty() || !removed.is_empty() {
+                feed.changed(added, removed);
+            }
         }
     }
 
@@ -645,6 +697,11 @@ impl Actor for PoolActor {
                 state.send_grant(reply, grant);
             }
             PoolMsg::Persist { keys, reply } => state.persist(&keys, reply),
+            PoolMsg::LeaseForPeer { keys, reply } => {
+                let grant = state.lease_for_peer(&keys);
+                state.send_grant(reply, grant);
+            }
+            PoolMsg::AttachFeed { feed } => state.attach_feed(feed),
             PoolMsg::EndTransfer { lease } => state.end_transfer(lease),
             PoolMsg::Release {
                 owner,

@@ -38,6 +38,10 @@ pub struct LookupReply {
     /// How many of the `hits` are on the SSD tier only; omitted when none.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub ssd_hits: u32,
+    /// How many of the `hits` only peers hold (fabric on); a `load` fetches them first, and
+    /// may get fewer. Omitted when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub remote_hits: u32,
 }
 
 fn is_zero(n: &u32) -> bool {

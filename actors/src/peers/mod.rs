@@ -1,0 +1,192 @@
+//! The node's side of the fabric (`pegaflow-fabric`, docs/fabric.md): it serves this node's
+//! pool to peers, keeps the gossiped digest equal to the keys in pool memory, answers how much
+//! of a missed prefix peers hold, and fetches those pages into the pool for a load.
+
+mod fetch;
+mod metrics;
+mod source;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use pegaflow_config::FabricConfig;
+use pegaflow_fabric::{Fabric, FabricError, FabricOptions, Member};
+use pegaflow_gpu_dma::Arena;
+use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::BlockKey;
+use crate::pool::{PoolMsg, ResidencyFeed};
+
+pub use fetch::FetchSummary;
+pub use metrics::FabricMetrics;
+pub use source::{PeerLease, PoolPageSource};
+
+/// Smallest page the digest is sized for: a 16-token block of a small model. A pool of mostly
+/// larger pages over-sizes the digest a little, never under-sizes it.
+const TYPICAL_MIN_PAGE_BYTES: u64 = 256 << 10;
+/// Digest size bounds: at 1 % false positives, 1.2 bytes per key, so 12 KiB to 1.2 MiB.
+const MIN_EXPECTED_KEYS: u64 = 10_000;
+const MAX_EXPECTED_KEYS: u64 = 1_000_000;
+
+/// A node's membership in the fabric.
+pub struct Peers {
+    fabric: Fabric,
+    pool: ActorRef<PoolMsg>,
+    arena: Arc<Arena>,
+    fetch_timeout: Duration,
+    metrics: Arc<FabricMetrics>,
+}
+
+/// The fabric as `/api/stats` and the dashboard show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FabricStats {
+    pub node_id: String,
+    /// Live peers, by name.
+    pub peers: Vec<PeerView>,
+    pub fetched_pages: u64,
+    pub fetched_bytes: u64,
+    pub served_pages: u64,
+    pub false_positives: u64,
+    pub fetch_failures: u64,
+}
+
+/// One peer as `/api/stats` and the dashboard show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub node_id: String,
+    pub link_addr: String,
+    pub zone: String,
+    pub host: String,
+    pub load: f32,
+    /// Smoothed link round trip, once a fetch or ping measured one.
+    pub rtt_ms: Option<f64>,
+}
+
+impl Peers {
+    /// Joins the cluster of `config`, serving `arena` pages that `pool` pins, and tells the
+    /// pool to report its resident keys to the digest from now on.
+    pub async fn start(
+        config: &FabricConfig,
+        pool: ActorRef<PoolMsg>,
+        arena: Arc<Arena>,
+        metrics: FabricMetrics,
+    ) -> Result<Arc<Peers>, FabricError> {
+        let expected_keys =
+            (arena.len() / TYPICAL_MIN_PAGE_BYTES).clamp(MIN_EXPECTED_KEYS, MAX_EXPECTED_KEYS);
+        let options = FabricOptions::from_config(config, arena.len(), expected_keys)?;
+        let metrics = Arc::new(metrics);
+        let source = PoolPageSource::new(pool.clone(), arena.clone(), metrics.clone());
+        let fabric = Fabric::start(options, Arc::new(source)).await?;
+        let peers = Arc::new(Peers {
+            fabric,
+            pool: pool.clone(),
+            arena,
+            fetch_timeout: Duration::from_millis(config.fetch_timeout_ms),
+            metrics,
+        });
+        tokio::spawn(count_peers(Arc::downgrade(&peers)));
+        let feed = Box::new(DigestFeed(peers.clone()));
+        if pool.cast(PoolMsg::AttachFeed { feed }).is_err() {
+            tracing::warn!("pool stopped before the fabric started; nothing will be advertised");
+        }
+        tracing::info!(
+            node = %peers.fabric.cluster().me().node_id,
+            link = %peers.fabric.link_addr(),
+            expected_keys,
+            "joined the fabric"
+        );
+        Ok(peers)
+    }
+
+    /// This node's name in the cluster.
+    pub fn node_id(&self) -> String {
+        self.fabric.cluster().me().node_id.to_string()
+    }
+
+    /// How many keys after `keys[0]` (inclusive) some peer claims to hold: the most any
+    /// candidate claims, since a load falls through candidates in rank order.
+    pub fn remote_hits(&self, keys: &[BlockKey]) -> u32 {
+        let best = self
+            .fabric
+            .cluster()
+            .candidates(keys)
+            .iter()
+            .map(|c| c.claimed)
+            .max()
+            .unwrap_or(0);
+        best.min(keys.len()) as u32
+    }
+
+    /// What `/api/stats` reports about the fabric.
+    pub fn stats(&self) -> FabricStats {
+        let m = &self.metrics;
+        FabricStats {
+            node_id: self.node_id(),
+            peers: self.view(),
+            fetched_pages: m.fetch_pages_total.get(),
+            fetched_bytes: m.fetch_bytes_total.get(),
+            served_pages: m.served_pages_total.get(),
+            false_positives: m.fetch_false_positives_total.get(),
+            fetch_failures: m.fetch_failures_total.get(),
+        }
+    }
+
+    /// Live peers, by name for a stable display.
+    pub fn view(&self) -> Vec<PeerView> {
+        let cluster = self.fabric.cluster();
+        let mut peers: Vec<PeerView> = cluster
+            .members()
+            .iter()
+            .map(|member| peer_view(member, cluster.peer_stats(&member.node_id).rtt))
+            .collect();
+        peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        peers
+    }
+
+    /// Publishes pending digest changes now (tests; shutdown).
+    pub async fn flush(&self) {
+        self.fabric.cluster().flush().await;
+    }
+
+    /// Leaves the gossip so peers stop asking this node; links keep serving until exit.
+    pub async fn leave(&self) {
+        self.fabric.leave().await;
+    }
+}
+
+/// Keeps `pegaflow_fabric_peers` equal to the live membership until the node stops.
+async fn count_peers(peers: Weak<Peers>) {
+    let Some(mut changes) = peers.upgrade().map(|p| p.fabric.cluster().subscribe()) else {
+        return;
+    };
+    loop {
+        let Some(peers) = peers.upgrade() else { return };
+        let live = peers.fabric.cluster().members().len();
+        peers.metrics.peers.set(live as i64);
+        drop(peers);
+        if changes.next().await.is_none() {
+            return;
+        }
+    }
+}
+
+fn peer_view(member: &Member, rtt: Option<Duration>) -> PeerView {
+    PeerView {
+        node_id: member.node_id.to_string(),
+        link_addr: member.link_addr.to_string(),
+        zone: member.zone.clone(),
+        host: member.host.clone(),
+        load: member.load,
+        rtt_ms: rtt.map(|d| d.as_secs_f64() * 1e3),
+    }
+}
+
+/// Forwards the pool's resident-key changes to the gossiped digest.
+struct DigestFeed(Arc<Peers>);
+
+impl ResidencyFeed for DigestFeed {
+    fn changed(&self, added: &[BlockKey], removed: &[BlockKey]) {
+        self.0.fabric.cluster().publish_keys(added, removed);
+    }
+}
