@@ -246,10 +246,18 @@ def export_cuda_tensors(tensors: list[torch.Tensor], shape: KvShape) -> Region:
 
 def layer_tensors(kv_caches: Mapping[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
     """Layer names and tensors in model order (by layer index), the order pages are stored in."""
-    from vllm.model_executor.models.utils import extract_layer_index
-
-    names = sorted(kv_caches, key=extract_layer_index)
+    names = sorted(kv_caches, key=layer_index)
     return names, [kv_caches[name] for name in names]
+
+
+def layer_index(name: str) -> int:
+    """The index in a vLLM layer name, its one integer part (`model.layers.3.self_attn.attn`
+    is 3), as vLLM's `extract_layer_index` reads it; parsed here so that the worker half
+    imports without vLLM."""
+    numbers = [int(part) for part in name.split(".") if part.isdigit()]
+    if len(numbers) != 1:
+        raise UnsupportedLayout(f"layer name {name!r} does not hold exactly one layer index")
+    return numbers[0]
 
 
 def _bytes_of(storage: torch.UntypedStorage, offset: int, nbytes: int) -> torch.Tensor:

@@ -2,13 +2,16 @@
 
 The scheduler sends token ids, not keys: every worker chains keys from its own namespace
 (its tp rank and layout), and keeps the chain per request, so each token crosses once.
+
+`PegaMetadata` does not derive from vLLM's `KVConnectorMetadata`: that class is empty, vLLM only
+annotates with it and never checks it, and importing it loads all of vLLM (20 s on a 2-core
+VM). Without it the connector's halves import without vLLM, which engines driven without vLLM
+(scenarios/gpu's paged engine and its CI smoke test) rely on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 
 @dataclasses.dataclass
@@ -30,7 +33,7 @@ class Transfer:
 
 
 @dataclasses.dataclass
-class PegaMetadata(KVConnectorMetadata):
+class PegaMetadata:
     chains: list[ChainExtension] = dataclasses.field(default_factory=list)
     loads: list[Transfer] = dataclasses.field(default_factory=list)
     saves: list[Transfer] = dataclasses.field(default_factory=list)

@@ -182,6 +182,21 @@ class WorkerSide:
                 deadline = time.monotonic() + self.config.load_timeout_s
                 self._loads[transfer.req_id] = _Load(future, transfer.block_ids, deadline)
 
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Layer-wise loading: called before a layer's attention reads its KV, so that layer `L`
+        computes while `L + 1` still copies. The host waits only for each load's reply (GPU: sent
+        once the node queued every copy); the current stream then waits GPU-side on the node's
+        event for this layer. Host engines copy before replying. A load that failed or timed out
+        is left to `finished`, which reports its blocks as load errors."""
+        index = self._layer_index.get(layer_name)
+        for load in self._loads.values():
+            reply = self.link.wait(load.future, max(load.deadline - time.monotonic(), 0.0))
+            slots = reply.get("event_slots") if reply is not None else None
+            if slots and index is not None and index < len(slots):
+                assert self.region is not None
+                stream = torch.cuda.current_stream(self.region.device)
+                stream.wait_event(self._layer_events()[slots[index]])
+
     def record_layer(self, layer_name: str) -> None:
         """GPU: marks, on the current stream, where this step's writes to the layer end; the
         node's copy of the layer waits on it. Only in steps that save, and never while a CUDA
