@@ -1,5 +1,6 @@
 //! HTTP for operators: `/healthz`, `/metrics` (Prometheus text), `/api/stats` (JSON) and
-//! `/dashboard`, a self-contained page (no CDN, no build step) that polls `/api/stats`.
+//! `/dashboard`, a self-contained page (no CDN, no build step) that polls `/api/stats`; and
+//! `POST /api/lookup` for the P/D router ([`crate::http_lookup`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::task::JoinHandle;
 
@@ -28,6 +29,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/stats", get(stats))
+        .route("/api/lookup", post(crate::http_lookup::lookup))
         .route("/dashboard", get(dashboard))
         .route("/", get(dashboard))
         .with_state(ctx);

@@ -172,9 +172,11 @@ class PegaKVConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        if self.scheduler is not None:
-            self.scheduler.request_finished(request)
-        return False, None
+        """Blocks are never held past the request (saves finished in `wait_for_save`); a P/D
+        router's prefill request gets the keys of its stored blocks back (docs/pd.md)."""
+        if self.scheduler is None:
+            return False, None
+        return False, self.scheduler.request_finished(request)
 
     def shutdown(self) -> None:
         for side in (self.scheduler, self.worker):

@@ -19,6 +19,10 @@ from .node_link import NodeLink
 
 log = logging.getLogger("pegaflow.connector")
 
+# The `kv_transfer_params` key of the P/D handoff: `true` in a request asks for the keys of its
+# stored prompt blocks, which come back under the same key in the response (docs/pd.md).
+HANDOFF = "pegaflow_handoff"
+
 
 @dataclasses.dataclass
 class _Request:
@@ -169,10 +173,30 @@ class SchedulerSide:
             if state is not None:
                 self._release(state)
 
-    def request_finished(self, request: Any) -> None:
+    def request_finished(self, request: Any) -> dict[str, Any] | None:
+        """Forgets the request; returns its handoff params when it asked for them."""
         state = self.requests.pop(request.request_id, None)
-        if state is not None:
-            self._release(state)
+        if state is None:
+            return None
+        self._release(state)
+        params = getattr(request, "kv_transfer_params", None) or {}
+        return self._handoff(state) if params.get(HANDOFF) is True else None
+
+    def _handoff(self, state: _Request) -> dict[str, Any]:
+        """For the P/D router's prefill request: per tensor-parallel rank, the keys of the
+        prompt's blocks this engine saved or found stored. The router sends the request on to a
+        decode engine only once the node holds them all, so the decode side's lookup never
+        races this side's save (docs/pd.md)."""
+        blocks = min(state.saved_blocks, state.request.num_prompt_tokens // self.block_size)
+        tokens = list(state.request.all_token_ids[: blocks * self.block_size])
+        ranks = [
+            {
+                "namespace": digest.hex(),
+                "keys": [key.hex() for key in chain_keys(digest, tokens, self.block_size)],
+            }
+            for digest in self.digests
+        ]
+        return {HANDOFF: {"ranks": ranks}}
 
     def _release(self, state: _Request) -> None:
         """Unpins the request's leased pages; errors are ignored (the lease dies with us)."""

@@ -4,6 +4,10 @@ Each engine runs in its own process (vLLM keeps global state), in-process engine
 connector's stats can be read with `pegaflow.connector.connector_stats()`.
 Commands: {"generate": [[token ids], ...], "max_tokens": n} -> {"outputs": [[...]], "stats": [...]};
 {"stats": true} -> {"stats": [...]}; {"exit": true}.
+
+With `--serve-port` the process becomes vLLM's OpenAI-compatible server instead, with the same
+model and engine options (tests/test_pd.py puts its prefill and decode engines behind the
+router this way).
 """
 
 from __future__ import annotations
@@ -36,13 +40,52 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
 }
 BLOCK_SIZE = 32
+# Engine options of every test engine, offline (`LLM(**...)`) or served (as CLI flags).
+ENGINE_OPTIONS: dict[str, Any] = {
+    "load_format": "dummy",
+    "skip_tokenizer_init": True,
+    "block_size": BLOCK_SIZE,
+    "enforce_eager": True,
+    "dtype": "float32",
+    "max_model_len": 1024,
+    "max_num_seqs": 8,
+    "kv_cache_memory_bytes": 32 << 20,
+    "seed": 0,
+}
 
 
 def write_model(directory: str) -> None:
-    """A config-only Llama: vLLM's dummy loader makes the weights (no download needed)."""
+    """A config-only Llama: vLLM's dummy loader makes the weights (no download needed).
+    Written to a temporary file and renamed, so engines starting together on one directory
+    never read a half-written config."""
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
+    partial = os.path.join(directory, f"config.json.{os.getpid()}")
+    with open(partial, "w") as f:
         json.dump(TINY_LLAMA, f)
+    os.replace(partial, os.path.join(directory, "config.json"))
+
+
+def cli_flags(options: dict[str, Any]) -> list[str]:
+    """`LLM` keyword options as `vllm serve` flags: `block_size=32` is `--block-size 32`."""
+    flags: list[str] = []
+    for name, value in options.items():
+        flag = name.replace("_", "-")
+        if value is True:
+            flags.append(f"--{flag}")
+        elif value is False:
+            flags.append(f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return flags
+
+
+def serve(model: str, port: int, options: dict[str, Any]) -> None:
+    """Replaces this process with vLLM's OpenAI-compatible server on 127.0.0.1:`port`. The
+    executor runs in the engine-core process (`uni`): one process fewer to start."""
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--host", "127.0.0.1", "--port", str(port), "--distributed-executor-backend", "uni",
+            *cli_flags(options)]  # fmt: skip
+    os.execv(sys.executable, argv)
 
 
 def main() -> None:
@@ -50,12 +93,11 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--socket", help="use PegaKVConnector with this node socket")
     parser.add_argument("--extra", default="{}", help="more kv_connector_extra_config, JSON")
+    parser.add_argument("--serve-port", type=int, help="serve the OpenAI API on this port")
     args = parser.parse_args()
     write_model(args.model)
 
-    from vllm import LLM, SamplingParams
-
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(ENGINE_OPTIONS)
     if args.socket:
         extra = {"socket_path": args.socket, "stats_interval_s": 1.0, **json.loads(args.extra)}
         options["kv_transfer_config"] = {
@@ -66,19 +108,12 @@ def main() -> None:
         }
         # Hits must come from PegaFlow, not from vLLM's own prefix cache.
         options["enable_prefix_caching"] = False
-    llm = LLM(
-        model=args.model,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        block_size=BLOCK_SIZE,
-        enforce_eager=True,
-        dtype="float32",
-        max_model_len=1024,
-        max_num_seqs=8,
-        kv_cache_memory_bytes=32 << 20,
-        seed=0,
-        **options,
-    )
+    if args.serve_port is not None:
+        serve(args.model, args.serve_port, options)
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, **options)
     from pegaflow.connector import connector_stats
 
     print(json.dumps({"ready": True}), flush=True)

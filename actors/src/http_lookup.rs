@@ -1,0 +1,103 @@
+//! `POST /api/lookup`: how many leading keys of a chain the node holds, asked over HTTP.
+//!
+//! For callers that hold no socket session: the P/D router (`pegaflow-router`, docs/pd.md)
+//! asks it whether the blocks a prefill engine saved are stored before it sends the request on
+//! to the decode engine, so the decode side's lookup never races the prefill side's save. It
+//! asks the pool the same [`PoolMsg::Lookup`] question as the socket's `lookup` op, with two
+//! differences: no lease (an HTTP request owns nothing that could release one), and no count in
+//! the lookup metrics (a router polling is not an engine looking a prompt up, and must not skew
+//! the hit ratio operators read).
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use crate::context::{ask, NodeContext};
+use crate::keys::{BlockKey, KEY_BYTES};
+use crate::pool::PoolMsg;
+
+/// The request body: a chain of block keys, in order, each as hex.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupBody {
+    /// `2 * 32` hex digits per key, the prompt's keys in chain order (docs/protocol.md "Keys").
+    pub keys: Vec<String>,
+}
+
+/// The answer: the longest prefix of `keys` the node holds (memory or SSD).
+#[derive(Debug, Serialize)]
+pub struct LookupAnswer {
+    /// Leading keys held; equal to the number asked when every block is stored.
+    pub hits: u32,
+}
+
+/// Answers `POST /api/lookup`: 400 naming the field for a bad body, 503 while the node drains
+/// or its pool does not answer.
+pub async fn lookup(
+    State(ctx): State<Arc<NodeContext>>,
+    body: Result<Json<LookupBody>, JsonRejection>,
+) -> Response {
+    let keys = match body {
+        Ok(Json(body)) => match parse_hex_keys(&body.keys) {
+            Ok(keys) => keys,
+            Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+        },
+        Err(rejection) => return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response(),
+    };
+    if let Err(error) = ctx.check_open() {
+        return (StatusCode::SERVICE_UNAVAILABLE, error.message).into_response();
+    }
+    let outcome = ask(&ctx.pool, "pool", |reply| PoolMsg::Lookup {
+        keys,
+        lease_for: None,
+        reply,
+    })
+    .await;
+    match outcome {
+        Ok(outcome) => Json(LookupAnswer { hits: outcome.hits }).into_response(),
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, error.message).into_response(),
+    }
+}
+
+/// Decodes every key, naming the first one that is not exactly 32 bytes of hex.
+fn parse_hex_keys(keys: &[String]) -> Result<Vec<BlockKey>, String> {
+    keys.iter()
+        .enumerate()
+        .map(|(index, text)| {
+            let mut key = [0u8; KEY_BYTES];
+            hex::decode_to_slice(text, &mut key).map_err(|error| {
+                format!(
+                    "field `keys[{index}]`: {error}; expected {} hex digits (one {KEY_BYTES}-byte key)",
+                    2 * KEY_BYTES
+                )
+            })?;
+            Ok(key)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_keys_decode_in_order() {
+        let keys = parse_hex_keys(&["00".repeat(32), "ab".repeat(32)]).expect("valid keys");
+        assert_eq!(keys, vec![[0u8; 32], [0xab; 32]]);
+    }
+
+    #[test]
+    fn a_bad_key_is_named_by_its_index() {
+        let error = parse_hex_keys(&["00".repeat(32), "abc".into()]).expect_err("odd length");
+        assert!(error.starts_with("field `keys[1]`:"), "{error}");
+        let error = parse_hex_keys(&["zz".repeat(32)]).expect_err("not hex");
+        assert!(error.starts_with("field `keys[0]`:"), "{error}");
+        let error = parse_hex_keys(&["00".repeat(31)]).expect_err("short");
+        assert!(error.contains("64 hex digits"), "{error}");
+    }
+}

@@ -1,0 +1,88 @@
+//! `POST /api/lookup` through the real node's HTTP server.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use pegaflow_actors::client::Client;
+use pegaflow_actors::keys::chain_keys;
+use support::{node, ShmRegion};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One HTTP/1.1 POST on a fresh connection; returns the status code and the body.
+async fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("write request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    (status, body.to_string())
+}
+
+fn keys_json(keys: &[[u8; 32]]) -> String {
+    let hex: Vec<String> = keys.iter().map(hex::encode).collect();
+    serde_json::json!({ "keys": hex }).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_counts_the_leading_keys_held_without_touching_lookup_metrics() {
+    let (node, _dir) = node(16).await;
+    let region = ShmRegion::new("http-lookup", "vllm_lbnhc", 2, 8);
+    let mut client = Client::connect(node.socket_path()).await.expect("connect");
+    let engine = client
+        .register(region.register_request())
+        .await
+        .expect("register");
+    let namespace: [u8; 32] = engine.namespace.clone().try_into().expect("32 bytes");
+    let tokens: Vec<u32> = (0..16 * 4).collect();
+    let keys = chain_keys(&namespace, &tokens, 16);
+    client
+        .save(engine.engine, &keys[..3], &[0, 1, 2])
+        .await
+        .expect("save");
+    let asked_before = node.context().metrics.lookup_blocks_total.get();
+
+    let (status, body) = post(node.http_addr(), "/api/lookup", &keys_json(&keys)).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"hits":3}"#));
+    let (status, body) = post(node.http_addr(), "/api/lookup", &keys_json(&keys[3..])).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"hits":0}"#));
+    let (status, body) = post(node.http_addr(), "/api/lookup", &keys_json(&[])).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"hits":0}"#));
+    assert_eq!(
+        node.context().metrics.lookup_blocks_total.get(),
+        asked_before
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_body_is_a_400_naming_the_field() {
+    let (node, _dir) = node(16).await;
+    let bad_key = format!(r#"{{"keys": ["{}", "12"]}}"#, "00".repeat(32));
+    let (status, body) = post(node.http_addr(), "/api/lookup", &bad_key).await;
+    assert_eq!(status, 400);
+    assert!(body.starts_with("field `keys[1]`:"), "{body}");
+    let (status, body) = post(node.http_addr(), "/api/lookup", r#"{"keys": [1]}"#).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("keys[0]"), "{body}");
+    let (status, _) = post(node.http_addr(), "/api/lookup", "not json").await;
+    assert_eq!(status, 400);
+    node.shutdown().await;
+}
