@@ -39,6 +39,12 @@ pub const TRANSFER_BUCKETS: [f64; 16] = [
     5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// Per-layer copy latency buckets: 50 us (a layer of a few blocks) to 50 ms (a layer of a long
+/// prompt queued behind the rest of its job, or a save waiting for the engine to compute it).
+pub const LAYER_BUCKETS: [f64; 10] = [
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+];
+
 /// The `direction` label of a copy.
 pub fn direction_label(direction: Direction) -> &'static str {
     match direction {
@@ -64,6 +70,8 @@ pub struct Metrics {
     pub transfer_bytes_total: IntCounterVec,
     /// By `device` and `direction`: one observation per save or load copy job.
     pub transfer_duration_seconds: HistogramVec,
+    /// By `direction`: one observation per layer of each copy job.
+    pub transfer_layer_duration_seconds: HistogramVec,
     pub pool_capacity_bytes: IntGauge,
     pub pool_used_bytes: IntGauge,
     pub pool_leased_bytes: IntGauge,
@@ -186,6 +194,12 @@ impl Metrics {
                 &["device", "direction"],
                 &TRANSFER_BUCKETS,
             )?,
+            transfer_layer_duration_seconds: histograms(
+                "transfer_layer_duration_seconds",
+                "Time from a layer's copies being handed to the copy device until they are known to have landed, by direction",
+                &["direction"],
+                &LAYER_BUCKETS,
+            )?,
             pool_capacity_bytes: gauge("pool_capacity_bytes", "Pool arena size")?,
             pool_used_bytes: gauge(
                 "pool_used_bytes",
@@ -281,6 +295,11 @@ impl Metrics {
         for tier in TIERS {
             metrics.lookup_hit_blocks_total.with_label_values(&[tier]);
         }
+        for direction in [Direction::Save, Direction::Load] {
+            metrics
+                .transfer_layer_duration_seconds
+                .with_label_values(&[direction_label(direction)]);
+        }
         Ok(metrics)
     }
 
@@ -350,6 +369,17 @@ impl Metrics {
             .observe(took.as_secs_f64());
         if let Some(hooks) = self.otlp.get() {
             hooks.transfer_done(&labels, took);
+        }
+    }
+
+    /// Counts one layer of a copy job in `direction` that took `took` from submission to landing.
+    pub fn layer_done(&self, direction: Direction, took: Duration) {
+        let label = direction_label(direction);
+        self.transfer_layer_duration_seconds
+            .with_label_values(&[label])
+            .observe(took.as_secs_f64());
+        if let Some(hooks) = self.otlp.get() {
+            hooks.layer_done(label, took);
         }
     }
 

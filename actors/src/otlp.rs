@@ -4,7 +4,7 @@
 //!
 //! Metrics are not defined twice: every counter and gauge of the Prometheus registry is
 //! bridged as an observable instrument of the same name, read at each export. Histograms
-//! cannot be observed after the fact (OTLP wants the raw observations), so the two latency
+//! cannot be observed after the fact (OTLP wants the raw observations), so the latency
 //! histograms are also recorded, with the same buckets, through [`OtlpHooks`] as they happen.
 
 use std::borrow::Cow;
@@ -24,7 +24,7 @@ use pegaflow_config::OtlpConfig;
 use prometheus::proto::{MetricFamily, MetricType};
 use prometheus::Registry;
 
-use crate::metrics::{Metrics, REQUEST_BUCKETS, TRANSFER_BUCKETS};
+use crate::metrics::{Metrics, LAYER_BUCKETS, REQUEST_BUCKETS, TRANSFER_BUCKETS};
 use crate::protocol::{ProtoError, ReplyBody};
 
 /// Why OTLP export could not start.
@@ -40,6 +40,7 @@ pub struct OtlpHooks {
     tracer: SdkTracer,
     request_seconds: Histogram<f64>,
     transfer_seconds: Histogram<f64>,
+    layer_seconds: Histogram<f64>,
 }
 
 impl OtlpHooks {
@@ -78,6 +79,12 @@ impl OtlpHooks {
                 KeyValue::new("direction", labels[1].to_string()),
             ],
         );
+    }
+
+    /// The latency of one layer of a copy job; `direction` is `save` or `load`.
+    pub fn layer_done(&self, direction: &'static str, took: Duration) {
+        self.layer_seconds
+            .record(took.as_secs_f64(), &[KeyValue::new("direction", direction)]);
     }
 }
 
@@ -165,6 +172,12 @@ impl Exporter {
                 metrics,
                 "pegaflow_transfer_duration_seconds",
                 &TRANSFER_BUCKETS,
+            ),
+            layer_seconds: seconds_histogram(
+                &meter,
+                metrics,
+                "pegaflow_transfer_layer_duration_seconds",
+                &LAYER_BUCKETS,
             ),
         });
         tracing::info!(%endpoint, interval_ms = config.interval_ms, "exporting metrics and traces over OTLP");

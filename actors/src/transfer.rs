@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use pegaflow_gpu_dma::{Arena, CopyOp, Direction, DmaEngine, DmaError, EventRing, RegionSource};
+use pegaflow_gpu_dma::{
+    enqueue_layers, finish_layers, Arena, CopyOp, Direction, DmaEngine, DmaError, EventRing,
+    RegionSource,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
@@ -155,8 +158,8 @@ impl<E: DmaEngine> TransferState<E> {
 }
 
 /// Enqueues every layer (after a wait on the engine's event of that layer when the job names one,
-/// recording a load event after it when `slots` are given), tells `queued`, waits for the
-/// copies, then checksums a save's pages.
+/// ending a load's layer with its event slot when `slots` are given), tells `queued`, waits for
+/// the layers in order (observing each one's latency), then checksums a save's pages.
 fn run_job<E: DmaEngine>(
     engine: &E,
     arena: &Arena,
@@ -164,21 +167,23 @@ fn run_job<E: DmaEngine>(
     job: &CopyJob,
     slots: &[u32],
     queued: Option<oneshot::Sender<Vec<u32>>>,
+    metrics: &Metrics,
 ) -> Result<Vec<u32>, TransferError> {
-    for (layer, ops) in job.layers.iter().enumerate() {
-        if let Some(&slot) = job.wait_events.get(layer) {
-            engine.wait_engine_event(region, slot)?;
-        }
-        engine.copy_layer(region, job.direction, ops)?;
-        if let Some(&slot) = slots.get(layer) {
-            engine.record_layer_event(region, slot)?;
-        }
-    }
+    let layers = enqueue_layers(
+        engine,
+        region,
+        job.direction,
+        &job.layers,
+        &job.wait_events,
+        slots,
+    )?;
     if let Some(queued) = queued {
         // The caller may have stopped waiting (its session ended); the copies still complete.
         let _ = queued.send(slots.to_vec());
     }
-    engine.finish(region, job.direction)?;
+    finish_layers(engine, region, job.direction, layers, |took| {
+        metrics.layer_done(job.direction, took)
+    })?;
     checksum_pages(arena, &job.checksum_pages)
 }
 
@@ -257,7 +262,7 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                     let slots = reserved.as_ref().map_or(&[][..], |(_, slots)| slots);
                     let queued = queued.filter(|_| !slots.is_empty());
                     let started = std::time::Instant::now();
-                    let result = run_job(&*engine, &arena, &region, &job, slots, queued);
+                    let result = run_job(&*engine, &arena, &region, &job, slots, queued, &metrics);
                     if result.is_ok() {
                         metrics.transfer_done(
                             engine.name(),

@@ -195,6 +195,11 @@ async fn a_collector_receives_the_nodes_metrics_and_spans() {
         Some(2),
         "one save and one load copy job"
     );
+    assert_eq!(
+        received.histogram_count("pegaflow_transfer_layer_duration_seconds"),
+        Some(3 * 2),
+        "one observation per layer (3) of each copy job (a save and a load)"
+    );
     let lookup = received.span("pegaflow.lookup").expect("lookup span");
     assert_eq!(int_attribute(&lookup, "hit_blocks"), Some(5));
     assert!(lookup.end_time_unix_nano >= lookup.start_time_unix_nano);

@@ -2,8 +2,10 @@
 //!
 //! A save or load of one layer is a batch of scattered contiguous copies between an engine's KV
 //! region and arena pages: one op per (block, K or V) in vLLM's layout. The batch is the unit of
-//! work because that is what a GPU engine launches as one gather/scatter kernel on a stream; the
-//! host engine simply runs the ops with `memcpy`.
+//! work because that is what a GPU engine hands to a stream at once (one batched copy or one
+//! kernel launch); the host engine simply runs the ops with `memcpy`.
+
+use std::time::Instant;
 
 use crate::error::DmaError;
 use crate::region::RegionSource;
@@ -32,14 +34,18 @@ pub struct CopyOp {
 
 /// A way to move KV bytes between engine regions and the pool arena.
 ///
-/// Implemented by the host engine (shared memory, `memcpy`) and later by the CUDA engine (IPC
-/// memory, a gather/scatter kernel on a stream), so the transfer actor is written once.
+/// Implemented by the host engine (shared memory, `memcpy`) and the CUDA engine (IPC memory,
+/// copy engines or a gather/scatter kernel on a stream), so the transfer actor is written once;
+/// [`crate::enqueue_layers`] and [`crate::finish_layers`] drive a whole job through it.
 pub trait DmaEngine: Send + Sync + 'static {
     /// An opened engine region: a mapping (host) or an IPC-opened device pointer (CUDA). Closing
     /// happens on drop.
     type Region: Send + Sync + 'static;
 
-    /// Short name reported to clients and logs (`"host"`, later `"cuda"`).
+    /// What [`DmaEngine::end_layer`] returns: how to learn when a layer's copies have landed.
+    type LayerEnd: Send;
+
+    /// Short name reported to clients and logs (`"host"`, `"cuda"`).
     fn name(&self) -> &'static str;
 
     /// Opens the region a connector described at register time.
@@ -62,21 +68,49 @@ pub trait DmaEngine: Send + Sync + 'static {
         ops: &[CopyOp],
     ) -> Result<(), DmaError>;
 
+    /// How many consecutive layers of a job in `direction` the engine wants per
+    /// [`DmaEngine::copy_layers`] call, so it can merge their copies (the CUDA engine's strided
+    /// path turns each block's rows of those layers into one copy). 1 by default: one layer at a
+    /// time, each signalled on its own.
+    fn layers_per_copy(&self, direction: Direction) -> usize {
+        let _ = direction;
+        1
+    }
+
+    /// Copies several consecutive layers' batches in `direction`, with the same checks and
+    /// enqueue-only semantics as [`DmaEngine::copy_layer`]. The default copies layer by layer.
+    fn copy_layers(
+        &self,
+        region: &Self::Region,
+        direction: Direction,
+        layers: &[Vec<CopyOp>],
+    ) -> Result<(), DmaError> {
+        layers
+            .iter()
+            .try_for_each(|ops| self.copy_layer(region, direction, ops))
+    }
+
+    /// Marks the end of one layer's copies in `direction` (enqueued by the last
+    /// `copy_layer`/`copy_layers` call). For a load given `event_slot`, the CUDA engine records
+    /// that interprocess event of the region's ring on the load stream, so the engine's stream can
+    /// wait on it GPU-side; otherwise it records an event of its own. The host engine, whose
+    /// copies are done when `copy_layer` returns, notes the time.
+    fn end_layer(
+        &self,
+        region: &Self::Region,
+        direction: Direction,
+        event_slot: Option<u32>,
+    ) -> Result<Self::LayerEnd, DmaError>;
+
+    /// Blocks until the copies before `end` have landed and returns when that became known (for
+    /// the host engine, when its copy returned). `region` is the one `end` was made for.
+    fn wait_layer(&self, region: &Self::Region, end: Self::LayerEnd) -> Result<Instant, DmaError>;
+
     /// Waits until every copy enqueued by [`DmaEngine::copy_layer`] in `direction` has landed.
     ///
     /// The default is for engines whose `copy_layer` is synchronous (the host engine).
     fn finish(&self, region: &Self::Region, direction: Direction) -> Result<(), DmaError> {
         let _ = (region, direction);
-        Ok(())
-    }
-
-    /// Marks the end of one layer of a load: the CUDA engine records interprocess event `slot` of
-    /// the region's event ring on the load stream, so the engine's stream can wait on it GPU-side.
-    ///
-    /// The default does nothing: without a GPU there is no stream to signal, and the host engine's
-    /// copies are complete when `copy_layer` returns.
-    fn record_layer_event(&self, region: &Self::Region, slot: u32) -> Result<(), DmaError> {
-        let _ = (region, slot);
         Ok(())
     }
 

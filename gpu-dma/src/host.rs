@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::arena::Arena;
 use crate::engine::{CopyOp, Direction, DmaEngine};
@@ -87,6 +88,8 @@ impl HostDmaEngine {
 
 impl DmaEngine for HostDmaEngine {
     type Region = HostRegion;
+    /// When the layer's `copy_layer` returned: its bytes were in place then.
+    type LayerEnd = Instant;
 
     fn name(&self) -> &'static str {
         "host"
@@ -134,6 +137,19 @@ impl DmaEngine for HostDmaEngine {
             }
         });
         Ok(())
+    }
+
+    fn end_layer(
+        &self,
+        _region: &HostRegion,
+        _direction: Direction,
+        _event_slot: Option<u32>,
+    ) -> Result<Instant, DmaError> {
+        Ok(Instant::now())
+    }
+
+    fn wait_layer(&self, _region: &HostRegion, end: Instant) -> Result<Instant, DmaError> {
+        Ok(end)
     }
 }
 

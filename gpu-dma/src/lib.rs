@@ -7,13 +7,14 @@
 //! - [`HostDmaEngine`] (here): the region is a POSIX shared-memory file the connector created under
 //!   `/dev/shm`, copies are `memcpy`. For machines without a GPU (CI, vLLM CPU).
 //! - [`CudaDmaEngine`]: the region is engine GPU memory opened by CUDA IPC, the arena is pinned
-//!   and mapped for the GPU, and a layer's batch is one gather/scatter kernel launch on the
-//!   direction's stream. Loaded at run time; without a driver `new` says why.
+//!   and mapped for the GPU, and a layer's batch (or a save's group of layers) is one batched
+//!   copy on the copy engines or one gather/scatter kernel launch on the direction's stream.
+//!   Loaded at run time; without a driver `new` says why.
 //!
 //! Modules hold one concept each: [`arena`](Arena) (pool memory), `region` (what a region is and
-//! how a shared-memory one is opened), `engine` (the trait and its op types), `host` (the host
-//! engine), `cuda` (the CUDA engine, itself split by concept), `numa` (where the arena's pages
-//! go), `error`.
+//! how a shared-memory one is opened), `engine` (the trait and its op types), `job` (the order in
+//! which a whole save or load drives an engine), `host` (the host engine), `cuda` (the CUDA
+//! engine, itself split by concept), `numa` (where the arena's pages go), `error`.
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!(
@@ -25,15 +26,17 @@ mod cuda;
 mod engine;
 mod error;
 mod host;
+mod job;
 mod numa;
 mod region;
 
 pub use arena::Arena;
 pub use cuda::{
-    CopyPath, CudaDmaEngine, CudaRegion, EventRing, KernelConfig, PinProgress, EVENT_RING_SLOTS,
-    PIN_CHUNK_BYTES,
+    CopyPath, CudaDmaEngine, CudaLayerEnd, CudaRegion, EventRing, KernelConfig, PinProgress,
+    EVENT_RING_SLOTS, PIN_CHUNK_BYTES,
 };
 pub use engine::{CopyOp, Direction, DmaEngine};
 pub use error::DmaError;
 pub use host::HostDmaEngine;
+pub use job::{enqueue_layers, finish_layers, EnqueuedLayer};
 pub use region::{HostRegion, RegionSource};

@@ -37,6 +37,8 @@ pub(crate) struct DeviceInfo {
     pub sm_count: u32,
     /// The driver's CUDA version as `1000 * major + 10 * minor` (13000 for 13.0).
     pub driver_version: i32,
+    /// Largest pitch a strided memcpy accepts (`CU_DEVICE_ATTRIBUTE_MAX_PITCH`).
+    pub max_pitch: u64,
 }
 
 /// Opens (retains) the primary context of device `ordinal` and binds it to this thread.
@@ -74,6 +76,9 @@ pub(crate) fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInf
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| cuda_err("cuDeviceGetAttribute (SM count)", e))?;
+        let max_pitch = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PITCH)
+            .map_err(|e| cuda_err("cuDeviceGetAttribute (max pitch)", e))?;
         let info = DeviceInfo {
             name: ctx.name().map_err(|e| cuda_err("cuDeviceGetName", e))?,
             compute_capability: ctx
@@ -81,6 +86,7 @@ pub(crate) fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInf
                 .map_err(|e| cuda_err("cuDeviceGetAttribute (compute capability)", e))?,
             sm_count: sm_count.max(1) as u32,
             driver_version,
+            max_pitch: max_pitch.max(0) as u64,
         };
         Ok((ctx, info))
     }));

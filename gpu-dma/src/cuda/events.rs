@@ -1,4 +1,5 @@
-//! Per-layer completion events of a load: interprocess CUDA events in a ring per region.
+//! Per-layer completion events: a load's interprocess CUDA events in a ring per region, the
+//! engine's own events that saves wait on, and the node's private end-of-layer events.
 //!
 //! When the node has copied layer `L` of a load into the engine's KV tensor it records an event on
 //! the load stream; the engine's stream waits on it (`cudaStreamWaitEvent`, GPU-side) before layer
@@ -19,6 +20,10 @@
 //! one slot per layer and the save stream waits on it before copying that layer. The engine
 //! re-recording a slot before the node's wait was issued only makes the save wait for a later
 //! point of the same engine stream, never too little.
+//!
+//! To learn when each layer of a job has landed (the per-layer latency metric), the node waits on
+//! the layer's end ([`CudaLayerEnd`]): a load's ring event when it has one, else an event of its
+//! own recorded after the layer ([`OwnedEvent`]).
 
 use std::sync::Arc;
 
@@ -227,6 +232,67 @@ impl Drop for EngineEvents {
             unsafe { sys::cuEventDestroy_v2(event) };
         }
     }
+}
+
+/// An event the engine creates for itself (`DISABLE_TIMING`), destroyed on drop.
+pub(crate) struct OwnedEvent {
+    ctx: Arc<CudaContext>,
+    event: sys::CUevent,
+}
+
+// SAFETY: a driver handle owned by this value; recording, waiting on and destroying it are
+// thread-safe once the context is bound, which every user does.
+unsafe impl Send for OwnedEvent {}
+
+impl OwnedEvent {
+    /// A new event in `ctx`.
+    pub(crate) fn new(ctx: &Arc<CudaContext>) -> Result<OwnedEvent, DmaError> {
+        bind(ctx)?;
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        // SAFETY: writes one event handle; it is destroyed in Drop.
+        check(unsafe { sys::cuEventCreate(&mut event, flags) }, || {
+            "cuEventCreate (layer end)".into()
+        })?;
+        Ok(OwnedEvent {
+            ctx: ctx.clone(),
+            event,
+        })
+    }
+
+    /// The driver handle, for recording and waiting.
+    pub(crate) fn raw(&self) -> sys::CUevent {
+        self.event
+    }
+}
+
+impl Drop for OwnedEvent {
+    fn drop(&mut self) {
+        if bind(&self.ctx).is_ok() {
+            // SAFETY: created in `new`; destroying an event still pending on a stream is allowed
+            // (the driver releases it once the stream passes it).
+            unsafe { sys::cuEventDestroy_v2(self.event) };
+        }
+    }
+}
+
+/// Where one layer of a job ends on its lane, for [`crate::DmaEngine::wait_layer`].
+pub struct CudaLayerEnd(pub(crate) End);
+
+/// What a [`CudaLayerEnd`] waits on.
+pub(crate) enum End {
+    /// Slot of the region's interprocess ring that a load recorded after the layer.
+    Ring(u32),
+    /// An event of the engine's own, recorded after the layer.
+    Own(OwnedEvent),
+}
+
+/// Blocks until `event` has completed.
+pub(crate) fn synchronize(event: sys::CUevent) -> Result<(), DmaError> {
+    // SAFETY: the caller passes a live event; the calling thread has the context bound.
+    check(unsafe { sys::cuEventSynchronize(event) }, || {
+        "cuEventSynchronize (layer end)".into()
+    })
 }
 
 #[cfg(test)]

@@ -85,6 +85,9 @@ pub struct KernelConfig {
     pub unroll: u32,
     /// Blocks per multiprocessor in the grid.
     pub blocks_per_sm: u32,
+    /// Most blocks in the grid, whatever `blocks_per_sm` gives; 0 for no cap. Fewer blocks issue
+    /// fewer PCIe transactions at once, leaving room for the copy engines' traffic.
+    pub max_blocks: u32,
     /// Ops longer than this are split into several descriptors.
     pub chunk_bytes: u64,
 }
@@ -95,6 +98,7 @@ impl Default for KernelConfig {
             threads: 512,
             unroll: 4,
             blocks_per_sm: 2,
+            max_blocks: 0,
             chunk_bytes: 64 << 10,
         }
     }
@@ -141,7 +145,7 @@ pub(crate) fn build_descriptors(
 pub(crate) struct Kernel {
     pub function: CudaFunction,
     pub config: KernelConfig,
-    /// Blocks in the grid: `blocks_per_sm` per multiprocessor.
+    /// Blocks in the grid: `blocks_per_sm` per multiprocessor, at most `max_blocks`.
     pub grid: u32,
 }
 
@@ -193,14 +197,35 @@ impl Kernel {
         Ok(Kernel {
             function,
             config,
-            grid: device.sm_count * config.blocks_per_sm.max(1),
+            grid: grid(device.sm_count, config),
         })
+    }
+}
+
+/// Blocks in the grid of `config` on a device with `sm_count` multiprocessors.
+fn grid(sm_count: u32, config: KernelConfig) -> u32 {
+    let per_sm = sm_count * config.blocks_per_sm.max(1);
+    match config.max_blocks {
+        0 => per_sm,
+        cap => per_sm.min(cap),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grid_is_blocks_per_sm_capped_by_max_blocks() {
+        let config = KernelConfig::default();
+        assert_eq!(grid(132, config), 264);
+        let capped = KernelConfig {
+            max_blocks: 32,
+            ..config
+        };
+        assert_eq!(grid(132, capped), 32);
+        assert_eq!(grid(8, capped), 16, "the cap never raises the grid");
+    }
 
     fn op(region_offset: u64, arena_offset: u64, len: u64) -> CopyOp {
         CopyOp {

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use cudarc::driver::{result, sys, CudaContext, CudaStream, LaunchConfig, PushKernelArg};
 
 use crate::cuda::driver::{bind, check, cuda_err};
+use crate::cuda::events::OwnedEvent;
 use crate::cuda::kernel::{Desc, Kernel};
+use crate::cuda::strided::StridedDesc;
 use crate::error::DmaError;
 
 /// Most streams one batched memcpy is spread over; see [`Mover::BatchedMemcpy`].
@@ -36,6 +38,16 @@ pub(crate) enum Mover<'a> {
     BatchedMemcpy(usize),
     /// One `cuMemcpyAsync` per descriptor: the last resort, ~6 GB/s at 16 KiB.
     PerOpMemcpy,
+}
+
+/// How a lane issues strided copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Strided {
+    /// `cuMemcpy3DBatchAsync`, [`SLOT_DESCS`] copies per call.
+    Batch,
+    /// One `cuMemcpy2DAsync` per copy: slower to enqueue, but each copy is certainly one 2D
+    /// copy-engine launch, which tells whether the batched call keeps them whole.
+    PerCopy,
 }
 
 /// Slot bookkeeping guarded by the lane's mutex.
@@ -226,6 +238,39 @@ impl Lane {
         }
     }
 
+    /// Enqueues the strided copies of `descs` on the lane's stream, issued as `how` says
+    /// (batched: driver >= 13.0).
+    ///
+    /// # Safety
+    /// As [`Lane::enqueue`]: every row of every descriptor names device-accessible memory that
+    /// stays valid until the stream has run past these copies.
+    pub(crate) unsafe fn enqueue_strided(
+        &self,
+        descs: &[StridedDesc],
+        how: Strided,
+    ) -> Result<(), DmaError> {
+        bind(&self.ctx)?;
+        let stream = self.stream.cu_stream();
+        match how {
+            Strided::Batch => descs.chunks(SLOT_DESCS).try_for_each(|piece| {
+                // SAFETY: forwarded from the caller.
+                unsafe { batch_memcpy_3d(piece, stream) }
+            }),
+            Strided::PerCopy => descs.iter().try_for_each(|d| {
+                // SAFETY: forwarded from the caller.
+                unsafe { memcpy_2d(d, stream) }
+            }),
+        }
+    }
+
+    /// Records a new event of the lane's own after everything enqueued so far, to learn when
+    /// those copies have landed.
+    pub(crate) fn mark(&self) -> Result<OwnedEvent, DmaError> {
+        let event = OwnedEvent::new(&self.ctx)?;
+        self.record(event.raw())?;
+        Ok(event)
+    }
+
     /// Blocks until everything enqueued on the lane has run.
     pub(crate) fn synchronize(&self) -> Result<(), DmaError> {
         bind(&self.ctx)?;
@@ -245,7 +290,7 @@ impl Lane {
         )
     }
 
-    /// Records `event` on the lane's stream (a load's per-layer event).
+    /// Records `event` on the lane's stream (the end of a layer).
     pub(crate) fn record(&self, event: sys::CUevent) -> Result<(), DmaError> {
         bind(&self.ctx)?;
         // SAFETY: the caller passes a live event of this context; the stream is live.
@@ -256,6 +301,12 @@ impl Lane {
     }
 }
 
+/// No location hint: the hints only matter for managed memory.
+const NO_HINT: sys::CUmemLocation = sys::CUmemLocation {
+    type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_INVALID,
+    id: 0,
+};
+
 /// One `cuMemcpyBatchAsync` of `piece` on `stream`.
 ///
 /// # Safety
@@ -264,14 +315,10 @@ unsafe fn batch_memcpy(piece: &[Desc], stream: sys::CUstream) -> Result<(), DmaE
     let mut srcs: Vec<u64> = piece.iter().map(|d| d.src).collect();
     let mut dsts: Vec<u64> = piece.iter().map(|d| d.dst).collect();
     let mut sizes: Vec<usize> = piece.iter().map(|d| d.len as usize).collect();
-    let hint = sys::CUmemLocation {
-        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_INVALID,
-        id: 0,
-    };
     let mut attrs = sys::CUmemcpyAttributes {
         srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
-        srcLocHint: hint,
-        dstLocHint: hint,
+        srcLocHint: NO_HINT,
+        dstLocHint: NO_HINT,
         flags: 0,
     };
     let mut attr_idx = 0usize;
@@ -292,6 +339,74 @@ unsafe fn batch_memcpy(piece: &[Desc], stream: sys::CUstream) -> Result<(), DmaE
         },
         || "cuMemcpyBatchAsync".into(),
     )
+}
+
+/// One `cuMemcpy3DBatchAsync` of `piece` on `stream`: each descriptor is a pointer-to-pointer
+/// copy of `rows` rows of `len` bytes (element size 1, depth 1), each side at its own pitch.
+///
+/// # Safety
+/// As [`Lane::enqueue_strided`].
+unsafe fn batch_memcpy_3d(piece: &[StridedDesc], stream: sys::CUstream) -> Result<(), DmaError> {
+    let operand = |ptr: u64, pitch: u64, rows: u64| sys::CUmemcpy3DOperand {
+        type_: sys::CUmemcpy3DOperandType::CU_MEMCPY_OPERAND_TYPE_POINTER,
+        op: sys::CUmemcpy3DOperand_st__bindgen_ty_1 {
+            ptr: sys::CUmemcpy3DOperand_st__bindgen_ty_1__bindgen_ty_1 {
+                ptr,
+                rowLength: pitch as usize,
+                layerHeight: rows as usize,
+                locHint: NO_HINT,
+            },
+        },
+    };
+    let mut ops: Vec<sys::CUDA_MEMCPY3D_BATCH_OP> = piece
+        .iter()
+        .map(|d| sys::CUDA_MEMCPY3D_BATCH_OP {
+            src: operand(d.src, d.src_pitch, d.rows),
+            dst: operand(d.dst, d.dst_pitch, d.rows),
+            extent: sys::CUextent3D {
+                width: d.len as usize,
+                height: d.rows as usize,
+                depth: 1,
+            },
+            srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            flags: 0,
+        })
+        .collect();
+    // SAFETY: `ops` holds `ops.len()` entries and lives across the call (the driver reads it
+    // before returning); the addresses are valid per the caller.
+    check(
+        unsafe { sys::cuMemcpy3DBatchAsync_v2(ops.len(), ops.as_mut_ptr(), 0, stream) },
+        || "cuMemcpy3DBatchAsync".into(),
+    )
+}
+
+/// One `cuMemcpy2DAsync` of `d` on `stream`, both sides addressed as unified pointers.
+///
+/// # Safety
+/// As [`Lane::enqueue_strided`].
+unsafe fn memcpy_2d(d: &StridedDesc, stream: sys::CUstream) -> Result<(), DmaError> {
+    let copy = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED,
+        srcHost: std::ptr::null(),
+        srcDevice: d.src,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: d.src_pitch as usize,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: d.dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: d.dst_pitch as usize,
+        WidthInBytes: d.len as usize,
+        Height: d.rows as usize,
+    };
+    // SAFETY: `copy` lives across the call; the addresses are valid per the caller.
+    check(unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream) }, || {
+        "cuMemcpy2DAsync".into()
+    })
 }
 
 impl Drop for Lane {
