@@ -11,6 +11,10 @@
 //! region is a POSIX shared-memory file filled with random bytes, and every load is checked
 //! byte for byte against what was saved: a fast copy of wrong bytes is worth nothing.
 //!
+//! With `--fabric` it then starts two nodes with the fabric on (module [`fabric`]) and measures
+//! what a peer adds: lookup latency of a prefix only a peer holds, and loads that fetch pages
+//! over the link, against a plain TCP copy of the same bytes and a load from the node's own pool.
+//!
 //! See docs/benchmarks.md for what each line means and results from a reference machine.
 
 use std::fs::{File, OpenOptions};
@@ -27,6 +31,8 @@ use pegaflow_actors::node::{self, RunningNode};
 use pegaflow_actors::protocol::{LookupReply, LookupRequest, RegionSpec, RegisterRequest, Request};
 use pegaflow_config::{DmaEngine, NodeConfig, Size};
 use serde::Serialize;
+
+mod fabric;
 
 /// DESIGN.md §9: lookup of a 640-block prefix over the socket, p99.
 const LOOKUP_P99_TARGET_US: f64 = 100.0;
@@ -47,10 +53,11 @@ struct Args {
     /// Tokens per block.
     #[arg(long, default_value_t = 16)]
     block_size: u32,
-    /// Blocks per save or load request in the copy benchmark.
+    /// Blocks per save or load request in the copy benchmark (and per fetch with `--fabric`).
     #[arg(long, default_value_t = 128)]
     blocks: u32,
-    /// Timed save and load requests (each direction), after warm-up.
+    /// Timed save and load requests (each direction), after warm-up; with `--fabric`, also the
+    /// timed fetch rounds.
     #[arg(long, default_value_t = 10)]
     copy_iters: u32,
     /// Blocks in the prefix the lookup benchmark asks for.
@@ -65,7 +72,7 @@ struct Args {
     /// Requests in flight in the pipelined lookup measurement.
     #[arg(long, default_value_t = 32)]
     pipeline_depth: u32,
-    /// Pool size, e.g. `2GiB`; must hold the lookup prefix.
+    /// Pool size of each node, e.g. `2GiB`; must hold the lookup prefix.
     #[arg(long, default_value = "2GiB")]
     pool_size: Size,
     /// Seed of the region's random bytes and of the block shuffles.
@@ -74,6 +81,10 @@ struct Args {
     /// Also write every number to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Then also run the two-node fabric benchmark on loopback (remote-hit lookup latency and
+    /// fetch throughput); off by default because it needs two more pools of `--pool-size`.
+    #[arg(long)]
+    fabric: bool,
 }
 
 fn main() -> Result<()> {
@@ -101,7 +112,8 @@ fn init_logging() {
         .init();
 }
 
-/// Starts the node, runs both benchmarks, and shuts the node down whatever happened.
+/// Starts the node, runs both benchmarks, and shuts the node down whatever happened; then the
+/// fabric benchmark on two fresh nodes when asked, so the pools never coexist.
 async fn run(args: &Args) -> Result<()> {
     let shape = Shape::from_args(args)?;
     let region = ShmRegion::create(
@@ -109,12 +121,15 @@ async fn run(args: &Args) -> Result<()> {
         shape.region_bytes(),
     )?;
     region.fill_random(args.seed);
-    let node = node::start(&node_config(args))
+    let node = node::start(&node_config(args, "node"))
         .await
         .context("cannot start the node")?;
     let outcome = bench(args, &shape, &region, &node).await;
     node.shutdown().await;
-    let report = outcome?;
+    let mut report = outcome?;
+    if args.fabric {
+        report.fabric = Some(fabric::bench(args, &shape, &region).await?);
+    }
     report.print();
     if let Some(path) = &args.json {
         write_json(path, &report)?;
@@ -123,11 +138,11 @@ async fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// A node config for this run: private socket, ephemeral HTTP port, host copy engine.
-fn node_config(args: &Args) -> NodeConfig {
+/// A config for this run's node `name`: private socket, ephemeral HTTP port, host copy engine.
+fn node_config(args: &Args, name: &str) -> NodeConfig {
     let mut config = NodeConfig::default();
     config.socket.path =
-        std::env::temp_dir().join(format!("pegaflow-bench-{}.sock", std::process::id()));
+        std::env::temp_dir().join(format!("pegaflow-bench-{}-{name}.sock", std::process::id()));
     config.http.addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     config.pool.size = args.pool_size;
     config.dma.engine = DmaEngine::Host;
@@ -141,10 +156,7 @@ async fn bench(
     region: &ShmRegion,
     node: &RunningNode,
 ) -> Result<Report> {
-    let mut client = Client::connect(node.socket_path())
-        .await
-        .context("cannot connect to the node's socket")?;
-    let engine = register(&mut client, shape, region).await?;
+    let (mut client, engine) = connect(node, shape, region).await?;
     let machine = Machine::collect(args, shape, node.http_addr());
     machine.print();
     // The copy benchmark goes first: its warm-up cycles the whole pool, and the lookup prefix
@@ -155,6 +167,7 @@ async fn bench(
         machine,
         copy,
         lookup,
+        fabric: None,
     })
 }
 
@@ -266,6 +279,19 @@ struct Engine {
     namespace: BlockKey,
 }
 
+/// A connection to `node` with `region` registered on it.
+async fn connect(
+    node: &RunningNode,
+    shape: &Shape,
+    region: &ShmRegion,
+) -> Result<(Client, Engine)> {
+    let mut client = Client::connect(node.socket_path())
+        .await
+        .context("cannot connect to the node's socket")?;
+    let engine = register(&mut client, shape, region).await?;
+    Ok((client, engine))
+}
+
 /// Registers the region and checks the node agrees on the page size and namespace.
 async fn register(client: &mut Client, shape: &Shape, region: &ShmRegion) -> Result<Engine> {
     let reply = client
@@ -330,6 +356,19 @@ impl Bandwidth {
             times_ms: times.iter().map(|t| t.as_secs_f64() * 1e3).collect(),
         }
     }
+
+    /// The column titles of [`Bandwidth::print_row`].
+    fn print_header() {
+        println!("  {:<40} {:>9} {:>9} {:>6}", "", "best", "mean", "iters");
+    }
+
+    /// One table row: best and mean GB/s.
+    fn print_row(&self, name: &str) {
+        println!(
+            "  {name:<40} {:>9.2} {:>9.2} {:>6}",
+            self.best_gbps, self.mean_gbps, self.iterations
+        );
+    }
 }
 
 /// Everything the copy benchmark measured.
@@ -361,28 +400,14 @@ async fn copy_bench(
     client: &mut Client,
     engine: &Engine,
 ) -> Result<CopyReport> {
-    let mut rng = SplitMix64::new(args.seed ^ 0xb10c);
-    let mut order: Vec<u32> = (0..shape.region_blocks).collect();
-    rng.shuffle(&mut order);
-    let (save_blocks, load_blocks) = order.split_at(shape.batch_blocks as usize);
+    let (save_blocks, load_blocks) = scattered_batches(args, shape);
     let bytes = shape.batch_bytes();
     let mut stream = args.seed << 20;
-
-    // Warm-up: cycle the whole pool once so timed saves reuse touched pages, as a running node
-    // with a full pool does; the first batch is the cold (first-touch) number.
-    let warmup = args.pool_size.0 / bytes + 1;
-    let mut cold = Duration::ZERO;
-    for i in 0..warmup {
-        stream += 1;
-        let time = save_batch(client, engine, shape, save_blocks, stream).await?;
-        if i == 0 {
-            cold = time;
-        }
-    }
+    let cold = cycle_pool(args, client, engine, shape, &save_blocks, &mut stream).await?;
     let mut save_times = Vec::new();
     for _ in 0..args.copy_iters {
         stream += 1;
-        save_times.push(save_batch(client, engine, shape, save_blocks, stream).await?);
+        save_times.push(save_batch(client, engine, shape, &save_blocks, stream).await?);
     }
     let saved_keys = fresh_keys(engine, shape, shape.batch_blocks, stream);
     // One untimed load first: it faults in the node's own mapping of the target blocks.
@@ -394,15 +419,15 @@ async fn copy_bench(
             shape,
             region,
             &saved_keys,
-            save_blocks,
-            load_blocks,
+            &save_blocks,
+            &load_blocks,
         )
         .await?;
         if round > 0 {
             load_times.push(time);
         }
     }
-    let baselines = Baselines::measure(shape, region, save_blocks, args.copy_iters.max(1))?;
+    let baselines = Baselines::measure(shape, region, &save_blocks, args.copy_iters.max(1))?;
     let save = Bandwidth::from_times(bytes, &save_times);
     let load = Bandwidth::from_times(bytes, &load_times);
     Ok(CopyReport {
@@ -421,6 +446,39 @@ async fn copy_bench(
         crc32c: baselines.crc32c,
         verified_loads: load_times.len() as u32,
     })
+}
+
+/// A random permutation of the region's blocks split in two batches: the blocks saves read and
+/// the blocks loads write, so every copy list is scattered and loads never overwrite sources.
+fn scattered_batches(args: &Args, shape: &Shape) -> (Vec<u32>, Vec<u32>) {
+    let mut rng = SplitMix64::new(args.seed ^ 0xb10c);
+    let mut order: Vec<u32> = (0..shape.region_blocks).collect();
+    rng.shuffle(&mut order);
+    let loads = order.split_off(shape.batch_blocks as usize);
+    (order, loads)
+}
+
+/// Cycles the whole pool once with saves of `blocks` under fresh keys (streams after `stream`),
+/// so later requests reuse touched pages and evict, as on a running node whose pool is full.
+/// Returns the first save's time: the cold, first-touch number.
+async fn cycle_pool(
+    args: &Args,
+    client: &mut Client,
+    engine: &Engine,
+    shape: &Shape,
+    blocks: &[u32],
+    stream: &mut u64,
+) -> Result<Duration> {
+    let rounds = args.pool_size.0 / shape.batch_bytes() + 1;
+    let mut cold = Duration::ZERO;
+    for i in 0..rounds {
+        *stream += 1;
+        let time = save_batch(client, engine, shape, blocks, *stream).await?;
+        if i == 0 {
+            cold = time;
+        }
+    }
+    Ok(cold)
 }
 
 /// One timed save of `blocks` under fresh keys; every block must be newly stored.
@@ -585,6 +643,7 @@ fn copy_scattered(shape: &Shape, region: &ShmRegion, pages: &mut [u8], blocks: &
 #[derive(Clone, Copy, Debug, Serialize)]
 struct Latency {
     p50_us: f64,
+    p90_us: f64,
     p99_us: f64,
     mean_us: f64,
     max_us: f64,
@@ -606,11 +665,28 @@ impl Latency {
         let total: Duration = times.iter().sum();
         Self {
             p50_us: us(rank(0.50)),
+            p90_us: us(rank(0.90)),
             p99_us: us(rank(0.99)),
             mean_us: us(total) / times.len().max(1) as f64,
             max_us: us(times.last().copied().unwrap_or_default()),
             iterations: times.len(),
         }
+    }
+
+    /// The column titles of [`Latency::print_row`].
+    fn print_header() {
+        println!(
+            "  {:<40} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+            "", "p50", "p90", "p99", "mean", "max", "iters"
+        );
+    }
+
+    /// One table row, in microseconds.
+    fn print_row(&self, name: &str) {
+        println!(
+            "  {name:<40} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6}",
+            self.p50_us, self.p90_us, self.p99_us, self.mean_us, self.max_us, self.iterations
+        );
     }
 }
 
@@ -634,17 +710,11 @@ async fn lookup_bench(
     engine: &Engine,
 ) -> Result<LookupReport> {
     let prefix = args.prefix_blocks;
-    ensure!(
-        u64::from(prefix) * shape.page_bytes <= args.pool_size.0,
-        "--pool-size {} cannot hold the {prefix}-block lookup prefix of {} bytes",
-        args.pool_size,
-        u64::from(prefix) * shape.page_bytes
-    );
-    let held = fresh_keys(engine, shape, prefix, args.seed ^ 0x1e1d);
-    save_prefix(client, engine, shape, &held).await?;
+    let held = save_prefix(args, shape, client, engine).await?;
     let unknown = fresh_keys(engine, shape, prefix, args.seed ^ 0xdead);
-    let hit = time_lookups(client, &held, prefix, args.lookup_warmup, args.lookup_iters).await?;
-    let miss = time_lookups(client, &unknown, 0, args.lookup_warmup, args.lookup_iters).await?;
+    let (warmup, iters) = (args.lookup_warmup, args.lookup_iters);
+    let hit = time_lookups(client, &held, prefix, warmup, iters).await?;
+    let miss = time_lookups(client, &unknown, 0, warmup, iters).await?;
     let rate = pipelined_lookups(client, &held, args.pipeline_depth, args.lookup_iters).await?;
     Ok(LookupReport {
         prefix_blocks: prefix,
@@ -657,13 +727,22 @@ async fn lookup_bench(
     })
 }
 
-/// Saves `keys` in batches, reusing the region's blocks (the bytes do not matter here).
+/// Saves the `--prefix-blocks` lookup prefix in batches, reusing the region's blocks (the bytes
+/// do not matter here), and returns its keys.
 async fn save_prefix(
+    args: &Args,
+    shape: &Shape,
     client: &mut Client,
     engine: &Engine,
-    shape: &Shape,
-    keys: &[BlockKey],
-) -> Result<()> {
+) -> Result<Vec<BlockKey>> {
+    let prefix = args.prefix_blocks;
+    ensure!(
+        u64::from(prefix) * shape.page_bytes <= args.pool_size.0,
+        "--pool-size {} cannot hold the {prefix}-block lookup prefix of {} bytes",
+        args.pool_size,
+        u64::from(prefix) * shape.page_bytes
+    );
+    let keys = fresh_keys(engine, shape, prefix, args.seed ^ 0x1e1d);
     for chunk in keys.chunks(shape.batch_blocks as usize) {
         let blocks: Vec<u32> = (0..chunk.len() as u32)
             .map(|i| i % shape.region_blocks)
@@ -679,7 +758,7 @@ async fn save_prefix(
             chunk.len()
         );
     }
-    Ok(())
+    Ok(keys)
 }
 
 /// Times `iters` lookups of `keys` one at a time (after `warmup`), checking each answers `hits`.
@@ -692,19 +771,32 @@ async fn time_lookups(
 ) -> Result<Latency> {
     let mut times = Vec::with_capacity(iters as usize);
     for i in 0..warmup + iters {
-        let start = Instant::now();
-        let reply = client.lookup(keys, false).await.context("lookup failed")?;
-        let elapsed = start.elapsed();
-        ensure!(
-            reply.hits == hits,
-            "lookup answered {} hits, expected {hits}",
-            reply.hits
-        );
+        let elapsed = time_lookup(client, keys, hits, 0).await?;
         if i >= warmup {
             times.push(elapsed);
         }
     }
     Ok(Latency::from_times(times))
+}
+
+/// Times one lookup of `keys`, checking it answers `hits` of which `remote_hits` only peers
+/// hold.
+async fn time_lookup(
+    client: &mut Client,
+    keys: &[BlockKey],
+    hits: u32,
+    remote_hits: u32,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let reply = client.lookup(keys, false).await.context("lookup failed")?;
+    let elapsed = start.elapsed();
+    ensure!(
+        (reply.hits, reply.remote_hits) == (hits, remote_hits),
+        "lookup answered {} hits ({} remote), expected {hits} ({remote_hits} remote)",
+        reply.hits,
+        reply.remote_hits
+    );
+    Ok(elapsed)
 }
 
 /// Lookups per second with `depth` requests in flight on one connection.
@@ -806,6 +898,9 @@ struct Report {
     machine: Machine,
     copy: CopyReport,
     lookup: LookupReport,
+    /// Present with `--fabric`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fabric: Option<fabric::FabricReport>,
 }
 
 impl Report {
@@ -816,19 +911,15 @@ impl Report {
             c.batch_blocks,
             human(c.batch_bytes)
         );
-        println!("  {:<34} {:>9} {:>9} {:>6}", "", "best", "mean", "iters");
-        let line = |name: &str, b: &Bandwidth| {
-            println!(
-                "  {name:<34} {:>9.2} {:>9.2} {:>6}",
-                b.best_gbps, b.mean_gbps, b.iterations
-            )
-        };
-        line("node save (socket round trip)", &c.save);
-        line("node load (socket round trip)", &c.load);
-        line("memcpy contiguous, 1 thread", &c.memcpy_contiguous);
-        line("memcpy scattered save, 1 thread", &c.memcpy_scattered_save);
-        line("memcpy scattered load, 1 thread", &c.memcpy_scattered_load);
-        line("crc32c of the pages, 1 thread", &c.crc32c);
+        Bandwidth::print_header();
+        c.save.print_row("node save (socket round trip)");
+        c.load.print_row("node load (socket round trip)");
+        c.memcpy_contiguous.print_row("memcpy contiguous, 1 thread");
+        c.memcpy_scattered_save
+            .print_row("memcpy scattered save, 1 thread");
+        c.memcpy_scattered_load
+            .print_row("memcpy scattered load, 1 thread");
+        c.crc32c.print_row("crc32c of the pages, 1 thread");
         println!(
             "  cold save (first touch of pool pages): {:.2} GB/s",
             c.cold_save_gbps
@@ -849,18 +940,9 @@ impl Report {
             "\nlookup: {}-block prefix over the socket, microseconds",
             l.prefix_blocks
         );
-        println!(
-            "  {:<34} {:>9} {:>9} {:>9} {:>9} {:>6}",
-            "", "p50", "p99", "mean", "max", "iters"
-        );
-        let line = |name: &str, t: &Latency| {
-            println!(
-                "  {name:<34} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6}",
-                t.p50_us, t.p99_us, t.mean_us, t.max_us, t.iterations
-            )
-        };
-        line("hit (all blocks held)", &l.hit);
-        line("miss (first block unknown)", &l.miss);
+        Latency::print_header();
+        l.hit.print_row("hit (all blocks held)");
+        l.miss.print_row("miss (first block unknown)");
         println!(
             "  target hit p99 <= {:.0} us: {} (informational)",
             l.p99_target_us,
@@ -870,6 +952,9 @@ impl Report {
             "  pipelined hits, depth {}: {:.0} lookups/s",
             l.pipeline_depth, l.pipelined_lookups_per_s
         );
+        if let Some(fabric) = &self.fabric {
+            fabric.print();
+        }
     }
 }
 
