@@ -1,7 +1,8 @@
 //! Node processes: the real `pegaflow-node` binary, one process per simulated host, each on
 //! its own socket, HTTP port, log file and SSD directory under the run's directory. The
 //! harness starts, kills (SIGKILL), stops (SIGTERM) and restarts them, and keeps each
-//! lifetime's counters, since a restarted node starts its counters from zero.
+//! lifetime's counters, since a restarted node starts its counters from zero. With the fabric
+//! on, the nodes form one cluster on loopback ([`FabricPlan`]).
 
 use std::fs::OpenOptions;
 use std::net::{SocketAddr, TcpListener};
@@ -15,7 +16,8 @@ use pegaflow_config::Size;
 
 use crate::error::ScenarioError;
 use crate::http;
-use crate::scenario::ClusterSpec;
+use crate::proxy::{bind_pair, LinkProxy};
+use crate::scenario::{ClusterSpec, FabricSpec, Scenario};
 
 /// How long a node may take to answer `hello` after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -73,6 +75,89 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The fabric of a cluster: one shared secret, each node's listen address, and a link proxy in
+/// front of every node a link fault targets (that node advertises the proxy's address, so all
+/// its peers reach it through the proxy).
+pub struct FabricPlan {
+    spec: FabricSpec,
+    secret: String,
+    listen: Vec<SocketAddr>,
+    /// The address peers reach each node at: its proxy's, else its listen address.
+    advertise: Vec<SocketAddr>,
+    /// Proxies not yet handed to their node.
+    proxies: Vec<Option<LinkProxy>>,
+}
+
+impl FabricPlan {
+    /// Picks the addresses and starts the proxies; `None` without the fabric.
+    pub async fn new(scenario: &Scenario) -> Result<Option<Self>, ScenarioError> {
+        let Some(spec) = scenario.fabric() else {
+            return Ok(None);
+        };
+        let mut listen = Vec::new();
+        let mut proxies = Vec::new();
+        // Held until every port is chosen, so no two nodes are given the same free port.
+        let mut held = Vec::new();
+        for node in 0..scenario.cluster.nodes {
+            let pair = bind_pair().map_err(ScenarioError::io("find a fabric port"))?;
+            let addr = pair
+                .0
+                .local_addr()
+                .map_err(ScenarioError::io("find a fabric port"))?;
+            held.push(pair);
+            listen.push(addr);
+            let faulted = scenario
+                .faults
+                .iter()
+                .any(|f| f.kind.link_node() == Some(node));
+            let proxy = if faulted {
+                let started = LinkProxy::start(addr).await;
+                Some(
+                    started
+                        .map_err(ScenarioError::io(format!("start node {node}'s link proxy")))?,
+                )
+            } else {
+                None
+            };
+            proxies.push(proxy);
+        }
+        drop(held);
+        let advertise = listen
+            .iter()
+            .zip(&proxies)
+            .map(|(&addr, proxy)| proxy.as_ref().map_or(addr, LinkProxy::public_addr))
+            .collect();
+        Ok(Some(Self {
+            spec,
+            secret: format!("{:032x}", rand::random::<u128>()),
+            listen,
+            advertise,
+            proxies,
+        }))
+    }
+
+    /// `node`'s `[fabric]` config section: every other node is a seed.
+    fn config(&self, node: usize) -> String {
+        let seeds: Vec<String> = (0..self.listen.len())
+            .filter(|&other| other != node)
+            .map(|other| format!("\"{}\"", self.advertise[other]))
+            .collect();
+        let spec = &self.spec;
+        format!(
+            "[fabric]\nenabled = true\nnode_id = \"node-{node}\"\nlisten = \"{}\"\n\
+             advertise = \"{}\"\nseeds = [{}]\nsecret = \"{}\"\ngossip_interval_ms = {}\n\
+             failure_timeout_ms = {}\nfetch_timeout_ms = {}\n",
+            self.listen[node],
+            self.advertise[node],
+            seeds.join(", "),
+            self.secret,
+            spec.gossip_interval_ms,
+            spec.failure_timeout_ms,
+            spec.fetch_timeout_ms,
+        )
+    }
+}
+
 /// One node process and everything it owns on disk.
 pub struct NodeProc {
     pub index: u32,
@@ -84,6 +169,8 @@ pub struct NodeProc {
     pub fill_dir: Option<PathBuf>,
     /// Why there is no `fill_dir` although the scenario asked for one.
     pub tmpfs_error: Option<String>,
+    /// The proxy in front of the node's fabric port, when a link fault targets it.
+    pub link: Option<LinkProxy>,
     log: PathBuf,
     args: Vec<String>,
     binary: PathBuf,
@@ -95,14 +182,15 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
-    /// Lays out the node's directory (mounting a tmpfs for its SSD tier when asked); does not
-    /// start the process.
+    /// Lays out the node's directory (mounting a tmpfs for its SSD tier when asked, writing its
+    /// fabric config when the cluster has one); does not start the process.
     pub fn prepare(
         index: u32,
         spec: &ClusterSpec,
         pool: Size,
         run_dir: &Path,
         binary: &Path,
+        fabric: Option<&mut FabricPlan>,
     ) -> Result<Self, ScenarioError> {
         let dir = run_dir.join(format!("node-{index}"));
         std::fs::create_dir_all(&dir)
@@ -124,6 +212,14 @@ impl NodeProc {
             "--log-level".into(),
             "warn".into(),
         ];
+        let mut link = None;
+        if let Some(plan) = fabric {
+            let config = dir.join("node.toml");
+            std::fs::write(&config, plan.config(index as usize))
+                .map_err(ScenarioError::io(format!("write {}", config.display())))?;
+            args.extend(["--config".into(), config.display().to_string()]);
+            link = plan.proxies[index as usize].take();
+        }
         let (mut ssd_dir, mut fill_dir, mut tmpfs, mut tmpfs_error) = (None, None, None, None);
         if spec.ssd.bytes() > 0 {
             let fs_dir = dir.join("ssd-fs");
@@ -160,6 +256,7 @@ impl NodeProc {
             ssd_dir,
             fill_dir,
             tmpfs_error,
+            link,
             log: dir.join("node.log"),
             args,
             binary: binary.to_path_buf(),
@@ -307,4 +404,60 @@ fn free_port() -> Result<SocketAddr, ScenarioError> {
     listener
         .local_addr()
         .map_err(ScenarioError::io("find a free port"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_NODES: &str = r#"
+name = "t"
+[cluster]
+nodes = 2
+engines_per_node = 1
+pool = "16MiB"
+fabric = true
+[workload]
+kind = "synthetic"
+generator = "shared_prompt"
+seed = 1
+requests = 1
+"#;
+
+    #[tokio::test]
+    async fn every_node_seeds_from_the_others_at_their_advertised_address() {
+        let text = format!(
+            "{TWO_NODES}\n[[faults]]\nat_ms = 1\nkind = \"drop_link\"\nnode = 1\nduration_ms = 1\n"
+        );
+        let scenario = Scenario::parse(&text, Path::new(".")).expect("scenario");
+        let plan = FabricPlan::new(&scenario)
+            .await
+            .expect("plan")
+            .expect("fabric on");
+        let proxy = plan.proxies[1]
+            .as_ref()
+            .expect("node 1 is faulted")
+            .public_addr();
+        assert!(plan.proxies[0].is_none(), "node 0 needs no proxy");
+        assert_ne!(proxy, plan.listen[1]);
+
+        let zero = plan.config(0);
+        assert!(zero.contains(&format!("seeds = [\"{proxy}\"]")), "{zero}");
+        assert!(
+            zero.contains(&format!("advertise = \"{}\"", plan.listen[0])),
+            "{zero}"
+        );
+        let one = plan.config(1);
+        assert!(
+            one.contains(&format!("listen = \"{}\"", plan.listen[1])),
+            "{one}"
+        );
+        assert!(one.contains(&format!("advertise = \"{proxy}\"")), "{one}");
+        assert!(
+            one.contains(&format!("seeds = [\"{}\"]", plan.listen[0])),
+            "{one}"
+        );
+        assert!(one.contains(&format!("secret = \"{}\"", plan.secret)));
+        assert!(zero.contains("gossip_interval_ms = 100"), "{zero}");
+    }
 }

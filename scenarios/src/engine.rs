@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use pegaflow_actors::client::{Client, ClientError};
 use pegaflow_actors::keys::{join_keys, BlockKey, NamespaceFields};
-use pegaflow_actors::protocol::{BlocksRequest, Request, SaveReply};
+use pegaflow_actors::protocol::{BlocksRequest, LookupReply, Request, SaveReply};
 
 use crate::error::ScenarioError;
 use crate::region::ShmRegion;
@@ -36,11 +36,21 @@ pub fn namespace(spec: &EngineSpec) -> NamespaceFields {
 pub struct Prefill {
     pub hits: u32,
     pub ssd_hits: u32,
+    /// Hits only peers hold (fabric); the load fetches them, and may get fewer.
+    pub remote_hits: u32,
     pub loaded: u32,
     /// Loaded blocks whose bytes were not the key's content.
     pub corrupt: u32,
     pub lookup_s: f64,
     pub load_s: f64,
+}
+
+impl Prefill {
+    /// Loaded blocks that came from peers: the load delivers local hits first.
+    pub fn remote_loaded(&self) -> u32 {
+        self.loaded
+            .saturating_sub(self.hits.saturating_sub(self.remote_hits))
+    }
 }
 
 struct Connection {
@@ -142,6 +152,7 @@ impl Engine {
         let mut outcome = Prefill {
             hits,
             ssd_hits: found.ssd_hits,
+            remote_hits: found.remote_hits.min(hits),
             lookup_s,
             ..Prefill::default()
         };
@@ -186,26 +197,44 @@ impl Engine {
             .await
     }
 
-    /// Loads `keys` (any blocks, not necessarily a prefix) into blocks `0..` and returns, per
-    /// key up to the first one the node does not serve, whether its bytes were right. Used to
-    /// check that acknowledged blocks survived a fault.
+    /// Loads the leading `keys` (any blocks, not necessarily a prefix) the node itself holds
+    /// into blocks `0..` and returns, per key up to the first one it does not hold, whether its
+    /// bytes were right. Used to check that acknowledged blocks survived a fault, so blocks
+    /// only peers hold are not loaded: a copy fetched from a peer would hide a local loss.
     pub async fn load_and_check(&mut self, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
+        let found = self.peek(keys).await?;
+        let held = found
+            .hits
+            .saturating_sub(found.remote_hits)
+            .min(keys.len() as u32);
+        if held == 0 {
+            return Ok(Vec::new());
+        }
         let conn = self.connection.as_mut().ok_or_else(not_connected)?;
-        for block in 0..keys.len() as u32 {
+        for block in 0..held {
             self.region.clear_block(block);
         }
-        let block_ids: Vec<u32> = (0..keys.len() as u32).collect();
-        let loaded = conn.client.load(conn.handle, keys, &block_ids).await?;
-        Ok((0..loaded.loaded.min(keys.len() as u32))
+        let block_ids: Vec<u32> = (0..held).collect();
+        let loaded = conn
+            .client
+            .load(conn.handle, &keys[..held as usize], &block_ids)
+            .await?;
+        Ok((0..loaded.loaded.min(held))
             .map(|b| self.region.check_block(b, &keys[b as usize]))
             .collect())
     }
 
-    /// Asks the node whether it holds `key` (memory or SSD); `Some(ssd_only)` when it does.
-    pub async fn holds(&mut self, key: &BlockKey) -> Result<Option<bool>, ClientError> {
+    /// Looks `keys` up without a lease: what the node (and its peers) hold now.
+    pub async fn peek(&mut self, keys: &[BlockKey]) -> Result<LookupReply, ClientError> {
         let conn = self.connection.as_mut().ok_or_else(not_connected)?;
-        let reply = conn.client.lookup(std::slice::from_ref(key), false).await?;
-        Ok((reply.hits == 1).then_some(reply.ssd_hits == 1))
+        conn.client.lookup(keys, false).await
+    }
+
+    /// Asks the node whether it holds `key` itself (memory or SSD); `Some(ssd_only)` when it
+    /// does.
+    pub async fn holds(&mut self, key: &BlockKey) -> Result<Option<bool>, ClientError> {
+        let reply = self.peek(std::slice::from_ref(key)).await?;
+        Ok((reply.hits == 1 && reply.remote_hits == 0).then_some(reply.ssd_hits == 1))
     }
 }
 

@@ -17,8 +17,6 @@ pub enum ScenarioError {
     Parse(String),
     #[error("scenario field `{field}`: {why}")]
     Invalid { field: String, why: String },
-    #[error("{0} needs the fabric (issue 7), which does not exist yet: nodes cannot share blocks or links today")]
-    NeedsFabric(String),
     #[error("trace {path} line {line}: {why}")]
     Trace {
         path: PathBuf,

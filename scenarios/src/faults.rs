@@ -1,8 +1,11 @@
-//! Faults on the schedule, and what each did. Every fault is injected into the real processes
-//! and files (signals, segment files, a full filesystem), and then checked from outside: the
-//! node must come back, serve every block a `persist` save acknowledged, and never serve a
-//! corrupt one. Faults on fabric links are refused when the scenario is loaded: the fabric does
-//! not exist yet (issue 7); the engine-to-node link is covered by `restart_engine`.
+//! Faults on the schedule, and what each did. Every fault is injected into the real processes,
+//! files and sockets (signals, segment files, a full filesystem, a proxy in front of a node's
+//! fabric port), and then checked from outside: the node must come back (and rejoin the
+//! fabric), serve every block a `persist` save acknowledged, and never serve a corrupt one; a
+//! peer's fetch through a cut or slow link must fall through and the link must serve again.
+//! The engine-to-node link is covered by `restart_engine` and `kill_node`.
+
+mod fabric;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -12,9 +15,12 @@ use pegaflow_actors::keys::BlockKey;
 use rand::{Rng, SeedableRng};
 
 use crate::cluster::signal;
+use crate::proxy::LinkMode;
 use crate::replay::{Event, Replay};
 use crate::report::json::FaultRecord;
 use crate::scenario::FaultKind;
+pub(crate) use fabric::LinkOutage;
+use fabric::{cut_link, rejoin, restore_link};
 
 /// SSD record layout (docs/ssd.md): a 64-byte header, then the data, padded to 4 KiB.
 const RECORD_MAGIC: &[u8; 8] = b"PFSSDRC1";
@@ -60,8 +66,19 @@ pub(crate) async fn start(replay: &mut Replay<'_>, index: usize) {
                 recovered: None,
             },
         },
-        // Refused when the scenario was loaded.
-        FaultKind::DropLink { .. } | FaultKind::DelayLink { .. } => return,
+        FaultKind::DropLink { node, duration_ms } => {
+            cut_link(replay, index, node, LinkMode::Drop, duration_ms).await;
+            return;
+        }
+        FaultKind::DelayLink {
+            node,
+            delay_ms,
+            duration_ms,
+        } => {
+            let mode = LinkMode::Delay(Duration::from_millis(delay_ms));
+            cut_link(replay, index, node, mode, duration_ms).await;
+            return;
+        }
     };
     note(replay, &record);
     replay.faults.push(record);
@@ -79,6 +96,18 @@ pub(crate) async fn end(replay: &mut Replay<'_>, index: usize) {
             node,
             recover_after_ms,
         } => recover_fill(replay, node, fault.at_ms, recover_after_ms).await,
+        FaultKind::DropLink { node, duration_ms } => {
+            let action = format!("proxy closed and refused every peer's link connections and discarded gossip into the node for {duration_ms} ms (virtual)");
+            restore_link(replay, index, node, "drop_link", action).await
+        }
+        FaultKind::DelayLink {
+            node,
+            delay_ms,
+            duration_ms,
+        } => {
+            let action = format!("proxy added {delay_ms} ms to each direction of every peer's links and gossip into the node for {duration_ms} ms (virtual)");
+            restore_link(replay, index, node, "delay_link", action).await
+        }
         _ => return,
     };
     note(replay, &record);
@@ -139,8 +168,8 @@ async fn recover_kill(
         Ok(back) => {
             let torn = replay.nodes[n].log_lines("torn").len();
             record.effect = format!(
-                "serving again {:.2} s after start; {} engines re-registered; {} acknowledged blocks checked after the crash: {} lost, {} corrupt; torn-record log lines: {torn}",
-                back.started_s, back.engines, back.checked, back.lost, back.corrupt
+                "serving again {:.2} s after start{}; {} engines re-registered; {} acknowledged blocks checked after the crash: {} lost, {} corrupt; torn-record log lines: {torn}",
+                back.started_s, back.rejoin_note(), back.engines, back.checked, back.lost, back.corrupt
             );
             record.recovered = Some(back.recovered());
         }
@@ -152,6 +181,8 @@ async fn recover_kill(
 /// What a node showed when it came back after a kill or a restart.
 struct Comeback {
     started_s: f64,
+    /// With the fabric: seconds until every running peer was a member again, or why not.
+    rejoined: Option<Result<f64, String>>,
     engines: u32,
     checked: u64,
     lost: u64,
@@ -159,9 +190,21 @@ struct Comeback {
 }
 
 impl Comeback {
-    /// Nothing acknowledged lost or corrupt, and the engines found their node again.
+    /// Nothing acknowledged lost or corrupt, the engines found their node again, and the node
+    /// is back in the fabric.
     fn recovered(&self) -> bool {
-        self.lost == 0 && self.corrupt == 0 && self.engines > 0
+        self.lost == 0
+            && self.corrupt == 0
+            && self.engines > 0
+            && self.rejoined.as_ref().is_none_or(Result::is_ok)
+    }
+
+    fn rejoin_note(&self) -> String {
+        match &self.rejoined {
+            None => String::new(),
+            Some(Ok(s)) => format!(", back in the fabric with every running peer {s:.2} s later"),
+            Some(Err(why)) => format!(", NOT back in the fabric: {why}"),
+        }
     }
 }
 
@@ -176,10 +219,16 @@ async fn come_back(replay: &mut Replay<'_>, node: u32) -> Result<Comeback, Strin
     let started_s = began.elapsed().as_secs_f64();
     replay.nodes[n].restarts += 1;
     replay.down[n] = false;
+    let rejoined = if replay.fabric.is_some() {
+        Some(rejoin(replay, node).await)
+    } else {
+        None
+    };
     let engines = replay.reconnect(node).await;
     let (checked, lost, corrupt) = replay.verify_acked(node).await;
     Ok(Comeback {
         started_s,
+        rejoined,
         engines,
         checked,
         lost,
@@ -203,8 +252,12 @@ async fn restart(replay: &mut Replay<'_>, node: u32, at_ms: u64) -> FaultRecord 
     match come_back(replay, node).await {
         Ok(back) => {
             record.effect = format!(
-                "{} engines re-registered; {} acknowledged blocks checked: {} lost, {} corrupt",
-                back.engines, back.checked, back.lost, back.corrupt
+                "{} engines re-registered{}; {} acknowledged blocks checked: {} lost, {} corrupt",
+                back.engines,
+                back.rejoin_note(),
+                back.checked,
+                back.lost,
+                back.corrupt
             );
             record.recovered = Some(back.recovered());
         }

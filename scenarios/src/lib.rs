@@ -7,8 +7,9 @@
 //!
 //! One concept per module: [`scenario`] (the file), [`workload`] (traces, generators, tokens and
 //! keys), [`engine`] with [`region`] and [`content`] (the simulated engine), [`router`],
-//! [`cluster`] (node processes) with [`http`], [`faults`], [`replay`] (the event loop),
-//! [`report`] (JSON and HTML) and [`progress`].
+//! [`cluster`] (node processes, their fabric) with [`http`] and [`proxy`] (the link proxy
+//! link faults switch), [`faults`], [`replay`] (the event loop), [`report`] (JSON and HTML)
+//! and [`progress`].
 
 pub mod cluster;
 pub mod content;
@@ -17,6 +18,7 @@ pub mod error;
 mod faults;
 pub mod http;
 pub mod progress;
+pub mod proxy;
 pub mod region;
 pub mod replay;
 pub mod report;

@@ -80,19 +80,20 @@ fn real_main() -> anyhow::Result<ExitCode> {
             html::write(&report, &page)?;
             for r in &report.runs {
                 println!(
-                    "{}: pool {} MiB/node, {} nodes x {} engines, {} requests: block hit {:.2}%, token hit {:.2}%, TTFT mean {:.0} ms (cold {:.0} ms, {:.2}x), corrupt loads {}, leaked bytes {}, faults {} ok / {} failed / {} n.a., wall {:.1} s",
+                    "{}: pool {} MiB/node, {} nodes x {} engines, {} requests: block hit {:.2}% ({} blocks from peers), token hit {:.2}%, TTFT mean {:.0} ms (cold {:.0} ms, {:.2}x), corrupt loads {}, leaked pages {}, faults {} ok / {} failed / {} n.a., wall {:.1} s",
                     report.scenario,
                     r.pool_bytes >> 20,
                     r.nodes,
                     r.engines / r.nodes.max(1),
                     r.requests,
                     r.block_hit_ratio * 100.0,
+                    r.blocks.remote_loaded,
                     r.token_hit_ratio * 100.0,
                     r.ttft.mean_ms,
                     r.ttft.cold_mean_ms,
                     r.ttft.speedup,
                     r.checks.corrupt_loads,
-                    r.checks.leaked_bytes,
+                    r.checks.leaked_pages,
                     r.checks.faults_recovered,
                     r.checks.faults_failed,
                     r.checks.faults_skipped,

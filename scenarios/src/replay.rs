@@ -10,14 +10,14 @@
 //! time has passed.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pegaflow_actors::keys::BlockKey;
 use pegaflow_config::Size;
 
-use crate::cluster::{node_binary, NodeProc};
+use crate::cluster::{node_binary, FabricPlan, NodeProc};
 use crate::engine::{namespace, Engine, Prefill};
 use crate::error::ScenarioError;
 use crate::faults;
@@ -27,7 +27,7 @@ use crate::report::json::{
     RunResult, Tiers, Ttft, Version,
 };
 use crate::router::Router;
-use crate::scenario::Scenario;
+use crate::scenario::{FabricSpec, Scenario};
 use crate::workload::tokens::block_keys;
 use crate::workload::{Request, Workload};
 
@@ -67,7 +67,6 @@ pub async fn run(scenario: &Scenario, options: &Options) -> Result<Report, Scena
     Ok(Report {
         scenario: scenario.name.clone(),
         description: scenario.description.clone(),
-        emulates: scenario.cluster.emulates.clone(),
         scenario_toml: scenario.source.clone(),
         version: Version {
             harness: env!("CARGO_PKG_VERSION").to_string(),
@@ -146,6 +145,8 @@ struct Record {
 /// The state of one run; faults act on it.
 pub(crate) struct Replay<'a> {
     pub(crate) scenario: &'a Scenario,
+    /// The fabric's settings when the nodes run one.
+    pub(crate) fabric: Option<FabricSpec>,
     workload: &'a Workload,
     pub(crate) nodes: Vec<NodeProc>,
     slots: Vec<Slot>,
@@ -166,6 +167,8 @@ pub(crate) struct Replay<'a> {
     pub(crate) kills: Vec<Option<tokio::task::JoinHandle<()>>>,
     /// Counters snapshotted right before a kill.
     pub(crate) kill_snapshots: Vec<Option<pegaflow_actors::stats::NodeStats>>,
+    /// What a link fault saw while it was on, by fault index, until it ends.
+    pub(crate) link_faults: HashMap<usize, faults::LinkOutage>,
     pub(crate) progress: &'a Progress,
     blocks: BlockCounts,
     degraded: u64,
@@ -184,9 +187,10 @@ async fn run_once(
     let started = Instant::now();
     let dir = RunDir::create()?;
     let spec = &scenario.cluster;
+    let mut plan = FabricPlan::new(scenario).await?;
     let mut nodes = Vec::new();
     for index in 0..spec.nodes {
-        let mut node = NodeProc::prepare(index, spec, pool, &dir.0, binary)?;
+        let mut node = NodeProc::prepare(index, spec, pool, &dir.0, binary, plan.as_mut())?;
         node.start().await?;
         nodes.push(node);
     }
@@ -210,6 +214,7 @@ async fn run_once(
     let node_count = nodes.len();
     let mut replay = Replay {
         scenario,
+        fabric: scenario.fabric(),
         workload,
         nodes,
         slots,
@@ -225,6 +230,7 @@ async fn run_once(
         checks: Checks::default(),
         kills: (0..node_count).map(|_| None).collect(),
         kill_snapshots: vec![None; node_count],
+        link_faults: HashMap::new(),
         progress,
         blocks: BlockCounts::default(),
         degraded: 0,
@@ -345,14 +351,16 @@ impl Replay<'_> {
         } else if self.slots[engine].engine.is_connected() {
             self.lookup_us.push(prefill.lookup_s * 1e6);
         }
+        let remote_loaded = prefill.remote_loaded();
         self.blocks.looked_up += keys.len() as u64;
         self.blocks.hit += u64::from(prefill.hits);
         self.blocks.ssd_hit += u64::from(prefill.ssd_hits);
+        self.blocks.remote_hit += u64::from(prefill.remote_hits);
         self.blocks.loaded += u64::from(prefill.loaded);
+        self.blocks.remote_loaded += u64::from(remote_loaded);
         self.blocks.corrupt += u64::from(prefill.corrupt);
         let loaded_tokens = u64::from(prefill.loaded * spec.block_size);
-        let transfer_s =
-            (loaded_tokens * spec.model_kv_bytes_per_token) as f64 / (spec.load_gbps * 1e9);
+        let transfer_s = self.transfer_s(prefill.loaded - remote_loaded, remote_loaded);
         let compute_s =
             (u64::from(req.input_tokens) - loaded_tokens) as f64 / spec.prefill_tokens_per_s;
         let ttft_s = prefill.lookup_s + prefill.load_s + transfer_s + compute_s;
@@ -370,6 +378,21 @@ impl Replay<'_> {
             loaded: prefill.loaded,
         });
         self.push(done_us, Event::Finish(engine));
+    }
+
+    /// Modeled seconds to bring the KV of loaded blocks to the GPU: host to GPU at the engine's
+    /// load bandwidth, and for blocks from peers, over the network first (streamed, so at the
+    /// slower of the two bandwidths).
+    fn transfer_s(&self, local_blocks: u32, remote_blocks: u32) -> f64 {
+        let spec = &self.scenario.engine;
+        let bytes = |blocks: u32| {
+            (u64::from(blocks) * u64::from(spec.block_size) * spec.model_kv_bytes_per_token) as f64
+        };
+        let link_gbps = self
+            .fabric
+            .as_ref()
+            .map_or(spec.load_gbps, |f| f.link_gbps.min(spec.load_gbps));
+        bytes(local_blocks) / (spec.load_gbps * 1e9) + bytes(remote_blocks) / (link_gbps * 1e9)
     }
 
     /// The prefill of `engine`'s current request is done: save what was computed, then start
@@ -460,17 +483,8 @@ impl Replay<'_> {
         }
         let mut leaked = 0;
         for node in &self.nodes {
-            if !node.is_running() {
-                continue;
-            }
-            let deadline = Instant::now() + Duration::from_secs(3);
-            loop {
-                let held = node.stats().await.map(|s| s.pool.leased_bytes).unwrap_or(0);
-                if held == 0 || Instant::now() > deadline {
-                    leaked += held;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if node.is_running() {
+                leaked += held_pages(node).await;
             }
         }
         for node in &mut self.nodes {
@@ -478,7 +492,7 @@ impl Replay<'_> {
                 let _ = node.stop().await;
             }
         }
-        self.checks.leaked_bytes = leaked;
+        self.checks.leaked_pages = leaked;
         self.checks.corrupt_loads += self.blocks.corrupt;
         self.checks.acked_blocks = self.acked.iter().map(|a| a.len() as u64).sum();
         for fault in &self.faults {
@@ -491,18 +505,8 @@ impl Replay<'_> {
         self.checks.passed = self.checks.holds();
         let spec = &self.scenario.engine;
         let mut tiers = Tiers::default();
-        for node in &self.nodes {
-            for life in &node.past {
-                tiers.memory_saved_bytes += life.totals.save_bytes;
-                tiers.memory_loaded_bytes += life.totals.load_bytes;
-                tiers.evictions += life.pool.evictions;
-                if let Some(ssd) = &life.ssd {
-                    tiers.ssd_written_bytes += ssd.write_bytes;
-                    tiers.ssd_read_bytes += ssd.read_bytes;
-                    tiers.ssd_checksum_failures += ssd.checksum_failures;
-                    tiers.ssd_segments_dropped += ssd.segments_dropped;
-                }
-            }
+        for life in self.nodes.iter().flat_map(|n| &n.past) {
+            tiers.add(life);
         }
         let input_tokens: u64 = self
             .workload
@@ -512,6 +516,8 @@ impl Replay<'_> {
             .sum();
         let loaded_tokens = self.blocks.loaded * u64::from(spec.block_size);
         tiers.modeled_loaded_bytes = loaded_tokens * spec.model_kv_bytes_per_token;
+        tiers.modeled_remote_bytes =
+            self.blocks.remote_loaded * u64::from(spec.block_size) * spec.model_kv_bytes_per_token;
         tiers.modeled_recomputed_tokens = input_tokens - loaded_tokens.min(input_tokens);
         let virtual_s = self.now_us as f64 / 1e6;
         RunResult {
@@ -523,7 +529,7 @@ impl Replay<'_> {
             routing: format!("{:?}", self.scenario.routing.policy),
             requests: self.records.len() as u64,
             degraded_requests: self.degraded,
-            block_hit_ratio: ratio(self.blocks.hit, self.blocks.looked_up),
+            block_hit_ratio: ratio(self.blocks.loaded, self.blocks.looked_up),
             token_hit_ratio: ratio(loaded_tokens, input_tokens),
             ttft: ttft(&self.records),
             latency: OpLatency {
@@ -549,6 +555,23 @@ impl Replay<'_> {
             virtual_s,
             wall_s: started.elapsed().as_secs_f64(),
         }
+    }
+}
+
+/// Pages `node` still pins or reserves once the run is over (`pool.leased_pages +
+/// pool.writing_pages`), polled for up to 3 s so releases in flight can land.
+async fn held_pages(node: &NodeProc) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let held = node
+            .stats()
+            .await
+            .map(|s| s.pool.leased_pages + s.pool.writing_pages)
+            .unwrap_or(0);
+        if held == 0 || Instant::now() > deadline {
+            return held;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

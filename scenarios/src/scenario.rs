@@ -18,6 +18,9 @@ pub struct Scenario {
     #[serde(default)]
     pub description: String,
     pub cluster: ClusterSpec,
+    /// Fabric timings; only with `cluster.fabric = true`.
+    #[serde(default)]
+    pub fabric: Option<FabricSpec>,
     #[serde(default)]
     pub engine: EngineSpec,
     #[serde(default)]
@@ -55,12 +58,37 @@ pub struct ClusterSpec {
     /// `fill_disk` fault hits a real ENOSPC instead of the tier's size budget.
     #[serde(default)]
     pub ssd_tmpfs: bool,
-    /// Share blocks across nodes through the fabric. Refused until the fabric exists (issue 7).
+    /// The nodes form one fabric cluster on loopback (gossip, digests, peer fetches), so a
+    /// block saved on one node is a remote hit on the others.
     #[serde(default)]
     pub fabric: bool,
-    /// Free text shown in the report when this cluster stands in for another shape.
-    #[serde(default)]
-    pub emulates: String,
+}
+
+/// How the nodes' fabric runs (`fabric.*` of each node's config), and the modeled network.
+/// Gossip runs in wall time while the replay runs in virtual time: `run.time_scale` decides
+/// how much virtual time a digest needs to reach the peers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FabricSpec {
+    /// `fabric.gossip_interval_ms`: how quickly saved blocks become remote hits elsewhere.
+    pub gossip_interval_ms: u64,
+    /// `fabric.failure_timeout_ms`: silence before a peer counts as dead.
+    pub failure_timeout_ms: u64,
+    /// `fabric.fetch_timeout_ms`: how long a load waits for peers before recomputing.
+    pub fetch_timeout_ms: u64,
+    /// Network bandwidth of the modeled cluster, for the TTFT of blocks loaded from peers.
+    pub link_gbps: f64,
+}
+
+impl Default for FabricSpec {
+    fn default() -> Self {
+        Self {
+            gossip_interval_ms: 100,
+            failure_timeout_ms: 1500,
+            fetch_timeout_ms: 1000,
+            link_gbps: 25.0,
+        }
+    }
 }
 
 /// The simulated engine: model shape of the KV region it registers, and its speed model.
@@ -283,10 +311,25 @@ pub enum FaultKind {
     /// Fill the node's SSD filesystem (needs `ssd_tmpfs`), free it `recover_after_ms` later
     /// and restart the node, as the operations guide says.
     FillDisk { node: u32, recover_after_ms: u64 },
-    /// Drop a fabric link between two nodes. Needs the fabric (issue 7).
-    DropLink { from: u32, to: u32 },
-    /// Delay a fabric link. Needs the fabric (issue 7).
-    DelayLink { from: u32, to: u32, delay_ms: u64 },
+    /// Cut every peer's links into the node (connections closed and refused, gossip to it
+    /// discarded) for `duration_ms`; peers' fetches must fall through.
+    DropLink { node: u32, duration_ms: u64 },
+    /// Add `delay_ms` to each direction of every peer's links into the node for `duration_ms`.
+    DelayLink {
+        node: u32,
+        delay_ms: u64,
+        duration_ms: u64,
+    },
+}
+
+impl FaultKind {
+    /// The node whose fabric port the fault cuts or slows, for link faults.
+    pub fn link_node(&self) -> Option<u32> {
+        match self {
+            FaultKind::DropLink { node, .. } | FaultKind::DelayLink { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
 }
 
 /// What to report beyond the default.
@@ -331,6 +374,13 @@ impl Scenario {
         self.cluster.nodes * self.cluster.engines_per_node
     }
 
+    /// The fabric's settings when the cluster runs one.
+    pub fn fabric(&self) -> Option<FabricSpec> {
+        self.cluster
+            .fabric
+            .then(|| self.fabric.clone().unwrap_or_default())
+    }
+
     /// Pool sizes to replay: the sweep, or the cluster's one pool.
     pub fn pool_sizes(&self) -> Vec<Size> {
         if self.report.capacity_sweep.is_empty() {
@@ -347,11 +397,7 @@ impl Scenario {
                 why,
             })
         };
-        if self.cluster.fabric {
-            return Err(ScenarioError::NeedsFabric(
-                "cluster.fabric = true (sharing blocks across nodes)".into(),
-            ));
-        }
+        self.validate_fabric()?;
         if self.cluster.nodes == 0 || self.cluster.engines_per_node == 0 {
             return invalid(
                 "cluster",
@@ -401,15 +447,12 @@ impl Scenario {
             let field = format!("faults[{i}]");
             let node_ok = |node: u32| node < self.cluster.nodes;
             match &fault.kind {
-                FaultKind::DropLink { .. } | FaultKind::DelayLink { .. } => {
-                    return Err(ScenarioError::NeedsFabric(format!(
-                        "{field}: links between nodes"
-                    )))
-                }
                 FaultKind::KillNode { node, .. }
                 | FaultKind::RestartNode { node }
                 | FaultKind::CorruptSsd { node, .. }
                 | FaultKind::FillDisk { node, .. }
+                | FaultKind::DropLink { node, .. }
+                | FaultKind::DelayLink { node, .. }
                     if !node_ok(*node) =>
                 {
                     return invalid(&field, format!("node {node} does not exist"));
@@ -420,6 +463,14 @@ impl Scenario {
                 FaultKind::CorruptSsd { .. } if self.cluster.ssd.bytes() == 0 => {
                     return invalid(&field, "corrupt_ssd needs cluster.ssd > 0".into());
                 }
+                FaultKind::DropLink { .. } | FaultKind::DelayLink { .. }
+                    if !self.cluster.fabric || self.cluster.nodes < 2 =>
+                {
+                    return invalid(
+                        &field,
+                        "link faults need cluster.fabric = true and at least 2 nodes (a peer to fetch through the link)".into(),
+                    );
+                }
                 FaultKind::FillDisk { .. } if !self.cluster.ssd_tmpfs => {
                     return invalid(
                         &field,
@@ -428,6 +479,37 @@ impl Scenario {
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    fn validate_fabric(&self) -> Result<(), ScenarioError> {
+        let invalid = |field: &str, why: &str| {
+            Err(ScenarioError::Invalid {
+                field: field.to_string(),
+                why: why.to_string(),
+            })
+        };
+        let Some(fabric) = &self.fabric else {
+            return Ok(());
+        };
+        if !self.cluster.fabric {
+            return invalid(
+                "fabric",
+                "set cluster.fabric = true to run the fabric these settings are for",
+            );
+        }
+        if fabric.gossip_interval_ms == 0
+            || fabric.failure_timeout_ms == 0
+            || fabric.fetch_timeout_ms == 0
+        {
+            return invalid(
+                "fabric",
+                "gossip_interval_ms, failure_timeout_ms and fetch_timeout_ms must be > 0",
+            );
+        }
+        if !fabric.link_gbps.is_finite() || fabric.link_gbps <= 0.0 {
+            return invalid("fabric.link_gbps", "must be a positive number");
         }
         Ok(())
     }
@@ -460,20 +542,33 @@ requests = 10
     }
 
     #[test]
-    fn fabric_features_say_which_issue_they_need() {
-        let text = MINIMAL.replace("pool = \"64MiB\"", "pool = \"64MiB\"\nfabric = true");
+    fn fabric_settings_default_and_need_the_fabric() {
+        let on = MINIMAL.replace("nodes = 1", "nodes = 2\nfabric = true");
+        let s = Scenario::parse(&on, Path::new(".")).expect("parses");
+        assert_eq!(s.fabric().map(|f| f.gossip_interval_ms), Some(100));
+        let plain = Scenario::parse(MINIMAL, Path::new(".")).expect("parses");
+        assert!(plain.fabric().is_none());
+
+        let text = format!("{MINIMAL}\n[fabric]\ngossip_interval_ms = 50\n");
         let err = Scenario::parse(&text, Path::new(".")).unwrap_err();
-        assert!(
-            err.to_string().contains("needs the fabric (issue 7)"),
-            "{err}"
-        );
-        let text =
-            format!("{MINIMAL}\n[[faults]]\nat_ms = 1\nkind = \"drop_link\"\nfrom = 0\nto = 1\n");
+        assert!(err.to_string().contains("`fabric`"), "{err}");
+        let text = format!("{on}\n[fabric]\nfetch_timeout_ms = 0\n");
         let err = Scenario::parse(&text, Path::new(".")).unwrap_err();
-        assert!(
-            err.to_string().contains("needs the fabric (issue 7)"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("fetch_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn link_faults_need_a_fabric_peer() {
+        let fault = "\n[[faults]]\nat_ms = 1\nkind = \"drop_link\"\nnode = 0\nduration_ms = 5\n";
+        let err = Scenario::parse(&format!("{MINIMAL}{fault}"), Path::new(".")).unwrap_err();
+        assert!(err.to_string().contains("faults[0]"), "{err}");
+        assert!(err.to_string().contains("cluster.fabric"), "{err}");
+        let on = MINIMAL.replace("nodes = 1", "nodes = 2\nfabric = true");
+        let s = Scenario::parse(&format!("{on}{fault}"), Path::new(".")).expect("parses");
+        assert_eq!(s.faults[0].kind.link_node(), Some(0));
+        let far = fault.replace("node = 0", "node = 2");
+        let err = Scenario::parse(&format!("{on}{far}"), Path::new(".")).unwrap_err();
+        assert!(err.to_string().contains("node 2 does not exist"), "{err}");
     }
 
     #[test]

@@ -200,6 +200,29 @@ fn run_label(run: &RunResult) -> String {
     format!("pool {}", mib(run.pool_bytes))
 }
 
+/// Blocks per tier the lookups reported, and what loads delivered: a remote claim is a
+/// peer's digest, a remote load is a page that crossed the fabric.
+fn tier_hits(run: &RunResult) -> String {
+    let b = &run.blocks;
+    let memory = b.hit.saturating_sub(b.ssd_hit + b.remote_hit);
+    let bars = vec![
+        ("lookup: memory".to_string(), memory as f64),
+        ("lookup: SSD".to_string(), b.ssd_hit as f64),
+        ("lookup: remote (claimed)".to_string(), b.remote_hit as f64),
+        ("loaded: all tiers".to_string(), b.loaded as f64),
+        ("loaded: remote".to_string(), b.remote_loaded as f64),
+    ];
+    bar_chart(
+        &format!(
+            "Blocks hit per tier, {} ({} looked up)",
+            run_label(run),
+            b.looked_up
+        ),
+        &bars,
+        "blocks",
+    )
+}
+
 /// Renders the whole report.
 pub fn render(report: &Report) -> String {
     let mut body = String::new();
@@ -214,13 +237,6 @@ pub fn render(report: &Report) -> String {
         },
         esc(&report.description)
     );
-    if !report.emulates.is_empty() {
-        let _ = write!(
-            body,
-            r#"<p class="note"><b>Emulation:</b> {}</p>"#,
-            esc(&report.emulates)
-        );
-    }
     let _ = write!(
         body,
         "<p class=\"meta\">harness {} · git {} · node {} ({}) · generated at unix {}{}</p>",
@@ -234,7 +250,7 @@ pub fn render(report: &Report) -> String {
             .map(|n| format!(" · first {n} requests"))
             .unwrap_or_default()
     );
-    body.push_str("<h2>Summary</h2><table><tr><th>pool / node</th><th>nodes × engines</th><th>routing</th><th>requests</th><th>block hit ratio</th><th>token hit ratio</th><th>TTFT mean (model)</th><th>cold TTFT</th><th>speedup</th><th>p99 lookup</th><th>corrupt loads</th><th>leaked bytes</th><th>faults ok / failed / n.a.</th><th>wall s</th></tr>");
+    body.push_str("<h2>Summary</h2><table><tr><th>pool / node</th><th>nodes × engines</th><th>routing</th><th>requests</th><th>block hit ratio</th><th>token hit ratio</th><th>TTFT mean (model)</th><th>cold TTFT</th><th>speedup</th><th>p99 lookup</th><th>corrupt loads</th><th>leaked pages</th><th>faults ok / failed / n.a.</th><th>wall s</th></tr>");
     for run in &report.runs {
         let _ = write!(
             body,
@@ -251,7 +267,7 @@ pub fn render(report: &Report) -> String {
             run.ttft.speedup,
             run.latency.lookup_p99_us,
             run.checks.corrupt_loads,
-            run.checks.leaked_bytes,
+            run.checks.leaked_pages,
             run.checks.faults_recovered,
             run.checks.faults_failed,
             run.checks.faults_skipped,
@@ -337,6 +353,10 @@ pub fn render(report: &Report) -> String {
             None,
         ));
     }
+    body.push_str("<h2>Hits per tier</h2>");
+    for run in &report.runs {
+        body.push_str(&tier_hits(run));
+    }
     body.push_str("<h2>Bytes moved per tier</h2>");
     for run in &report.runs {
         let t = &run.tiers;
@@ -345,6 +365,10 @@ pub fn render(report: &Report) -> String {
             ("memory: loaded".to_string(), t.memory_loaded_bytes as f64),
             ("SSD: written".to_string(), t.ssd_written_bytes as f64),
             ("SSD: read".to_string(), t.ssd_read_bytes as f64),
+            (
+                "remote: fetched from peers".to_string(),
+                t.remote_fetched_bytes as f64,
+            ),
         ];
         body.push_str(&bar_chart(
             &format!(
@@ -357,12 +381,16 @@ pub fn render(report: &Report) -> String {
         ));
         let _ = write!(
             body,
-            "<p>Modeled for the engine's model shape: {} loaded instead of recomputing {} tokens; evictions {}; SSD checksum failures {}; SSD segments dropped for space {}.</p>",
+            "<p>Modeled for the engine's model shape: {} loaded instead of recomputing {} tokens, {} of them from peers over the network; evictions {}; SSD checksum failures {}; SSD segments dropped for space {}; fabric: {} pages served to peers, {} false positives, {} failed fetches.</p>",
             fmt_num(t.modeled_loaded_bytes as f64) + "B",
             fmt_num(t.modeled_recomputed_tokens as f64),
+            fmt_num(t.modeled_remote_bytes as f64) + "B",
             t.evictions,
             t.ssd_checksum_failures,
-            t.ssd_segments_dropped
+            t.ssd_segments_dropped,
+            t.remote_served_pages,
+            t.remote_false_positives,
+            t.remote_fetch_failures
         );
     }
     body.push_str("<h2>Faults</h2>");
@@ -390,8 +418,8 @@ pub fn render(report: &Report) -> String {
         let c = &run.checks;
         let _ = write!(
             body,
-            "</table><p>Checks: corrupt loads {}, leaked bytes {}, acknowledged blocks {} (checked after faults {}, lost {}).</p>",
-            c.corrupt_loads, c.leaked_bytes, c.acked_blocks, c.acked_checked, c.acked_lost
+            "</table><p>Checks: corrupt loads {}, leaked pages {}, acknowledged blocks {} (checked after faults {}, lost {}).</p>",
+            c.corrupt_loads, c.leaked_pages, c.acked_blocks, c.acked_checked, c.acked_lost
         );
     }
     if report.runs.iter().all(|r| r.faults.is_empty()) {
@@ -407,7 +435,7 @@ pub fn render(report: &Report) -> String {
 body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#111827;padding:0 1em}}
 table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #d1d5db;padding:4px 6px;text-align:left;vertical-align:top}}
 th{{background:#f3f4f6}}.ok{{color:#15803d;font-weight:600}}.bad{{color:#b91c1c;font-weight:700}}
-.meta{{color:#6b7280;font-size:13px}}.note{{background:#fef9c3;padding:6px 10px}}
+.meta{{color:#6b7280;font-size:13px}}
 figure{{margin:1em 0}}figcaption{{font-weight:600;font-size:14px}}.tick{{font-size:11px;fill:#374151}}.axis{{font-size:12px;fill:#111827}}
 pre{{background:#f3f4f6;padding:1em;overflow-x:auto;font-size:12px}}
 </style></head><body>{body}</body></html>

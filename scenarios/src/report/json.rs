@@ -14,8 +14,6 @@ use crate::error::ScenarioError;
 pub struct Report {
     pub scenario: String,
     pub description: String,
-    /// What this cluster stands in for, when it emulates another shape.
-    pub emulates: String,
     /// The scenario file, verbatim.
     pub scenario_toml: String,
     pub version: Version,
@@ -53,7 +51,8 @@ pub struct RunResult {
     /// Requests served without the cache because their node was down.
     pub degraded_requests: u64,
     pub blocks: BlockCounts,
-    /// Hit blocks over looked-up blocks.
+    /// Loaded blocks over looked-up blocks: what the cache delivered, so a remote claim a
+    /// fetch could not fill is a miss.
     pub block_hit_ratio: f64,
     /// Loaded tokens over prompt tokens (partial trailing blocks count as misses).
     pub token_hit_ratio: f64,
@@ -73,9 +72,14 @@ pub struct RunResult {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BlockCounts {
     pub looked_up: u64,
+    /// Hits the lookups reported: memory, SSD and remote (peers' digests) together.
     pub hit: u64,
     pub ssd_hit: u64,
+    /// Hits only peers held, as their digests claimed at lookup.
+    pub remote_hit: u64,
     pub loaded: u64,
+    /// Loaded blocks the node fetched from peers through the fabric.
+    pub remote_loaded: u64,
     pub corrupt: u64,
     pub stored: u64,
     pub present: u64,
@@ -133,9 +137,38 @@ pub struct Tiers {
     pub ssd_checksum_failures: u64,
     pub ssd_segments_dropped: u64,
     pub evictions: u64,
-    /// KV bytes the modeled engine would have loaded instead of recomputing.
+    /// Fabric: page bytes the nodes fetched from peers, pages they served to peers, claims
+    /// that were false (the peer held nothing) and fetches that failed (link down, deadline).
+    pub remote_fetched_bytes: u64,
+    pub remote_served_pages: u64,
+    pub remote_false_positives: u64,
+    pub remote_fetch_failures: u64,
+    /// KV bytes the modeled engine would have loaded instead of recomputing, and the part of
+    /// them that crossed the network from peers.
     pub modeled_loaded_bytes: u64,
+    pub modeled_remote_bytes: u64,
     pub modeled_recomputed_tokens: u64,
+}
+
+impl Tiers {
+    /// Adds one node lifetime's counters.
+    pub fn add(&mut self, life: &NodeStats) {
+        self.memory_saved_bytes += life.totals.save_bytes;
+        self.memory_loaded_bytes += life.totals.load_bytes;
+        self.evictions += life.pool.evictions;
+        if let Some(ssd) = &life.ssd {
+            self.ssd_written_bytes += ssd.write_bytes;
+            self.ssd_read_bytes += ssd.read_bytes;
+            self.ssd_checksum_failures += ssd.checksum_failures;
+            self.ssd_segments_dropped += ssd.segments_dropped;
+        }
+        if let Some(fabric) = &life.fabric {
+            self.remote_fetched_bytes += fabric.fetched_bytes;
+            self.remote_served_pages += fabric.served_pages;
+            self.remote_false_positives += fabric.false_positives;
+            self.remote_fetch_failures += fabric.fetch_failures;
+        }
+    }
 }
 
 /// One node over the run.
@@ -179,8 +212,9 @@ impl FaultRecord {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Checks {
     pub corrupt_loads: u64,
-    /// `pool.leased_bytes` summed over nodes once the run is over.
-    pub leaked_bytes: u64,
+    /// Pages still pinned or reserved (`pool.leased_pages + pool.writing_pages`), summed over
+    /// nodes once the run is over.
+    pub leaked_pages: u64,
     /// Blocks a `persist` save acknowledged, and how many of those a fault lost.
     pub acked_blocks: u64,
     pub acked_checked: u64,
@@ -195,7 +229,7 @@ impl Checks {
     /// Whether every invariant held.
     pub fn holds(&self) -> bool {
         self.corrupt_loads == 0
-            && self.leaked_bytes == 0
+            && self.leaked_pages == 0
             && self.acked_lost == 0
             && self.faults_failed == 0
     }
