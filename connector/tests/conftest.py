@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -146,16 +147,46 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append((f"pegaflow-node {index} log", node.log()))
 
 
-@pytest.fixture
-def start_node(
-    short_tmp: Path, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., NodeProcess]]:
-    """Starts real nodes (fails, never skips, without the binary); checks they exit 0 on SIGTERM."""
+def require_node_bin() -> None:
+    """Fails (never skips) when the node binary is missing: the tests exist to run against it."""
     if not NODE_BIN.is_file():
         pytest.fail(
             f"pegaflow-node binary not found at {NODE_BIN}: run `cargo build` at the repo "
             "root, or set PEGAFLOW_NODE_BIN"
         )
+
+
+@contextlib.contextmanager
+def temp_workdir(prefix: str) -> Iterator[Path]:
+    """A fresh directory under /tmp (short enough for Unix socket paths), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_node(workdir: Path) -> Iterator[NodeProcess]:
+    """One node in `workdir` for a whole test module (engines are slow to start, so modules
+    share one), stopped afterwards."""
+    require_node_bin()
+    workdir.mkdir()
+    node = NodeProcess(workdir, 256 << 20, None)
+    node.start()
+    try:
+        yield node
+    finally:
+        if node.process is not None and node.process.poll() is None:
+            node.stop()
+
+
+@pytest.fixture
+def start_node(
+    short_tmp: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., NodeProcess]]:
+    """Starts real nodes (fails, never skips, without the binary); checks they exit 0 on SIGTERM."""
+    require_node_bin()
     nodes: list[NodeProcess] = []
     request.node.pegaflow_nodes = nodes
 

@@ -13,11 +13,9 @@ import concurrent.futures
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import CONNECTOR_DIR, NODE_BIN, REPO_ROOT, NodeProcess, free_port
+from conftest import CONNECTOR_DIR, REPO_ROOT, NodeProcess, free_port, running_node, temp_workdir
 
 from pegaflow import chain_keys
 
@@ -273,22 +271,14 @@ def test_prefill_request_reports_the_keys_of_its_stored_prompt_blocks() -> None:
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pfpd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with temp_workdir("pfpd-") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
 def node(workdir: Path) -> Iterator[NodeProcess]:
-    if not NODE_BIN.is_file():
-        pytest.fail(f"pegaflow-node not found at {NODE_BIN}: run `cargo build` or set "
-                    "PEGAFLOW_NODE_BIN")  # fmt: skip
-    (workdir / "node").mkdir()
-    node = NodeProcess(workdir / "node", 256 << 20, None)
-    node.start()
-    yield node
-    if node.process is not None and node.process.poll() is None:
-        node.stop()
+    with running_node(workdir / "node") as node:
+        yield node
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,9 @@ import json
 import os
 import queue
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CONNECTOR_DIR, NODE_BIN, NodeProcess
+from conftest import CONNECTOR_DIR, NodeProcess, running_node, temp_workdir
 
 from pegaflow import Client, HostKvRegion, Namespace, chain_keys
 
@@ -128,22 +126,14 @@ class EngineProcess:
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pfv-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with temp_workdir("pfv-") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
 def node(workdir: Path) -> Iterator[NodeProcess]:
-    if not NODE_BIN.is_file():
-        pytest.fail(f"pegaflow-node not found at {NODE_BIN}: run `cargo build` or set "
-                    "PEGAFLOW_NODE_BIN")  # fmt: skip
-    (workdir / "node").mkdir()
-    node = NodeProcess(workdir / "node", 256 << 20, None)
-    node.start()
-    yield node
-    if node.process is not None and node.process.poll() is None:
-        node.stop()
+    with running_node(workdir / "node") as node:
+        yield node
 
 
 @pytest.fixture(scope="module")
