@@ -91,6 +91,9 @@ pub enum LinkError {
     /// The peer's source failed to lease pages.
     #[error("peer could not serve: {0}")]
     Remote(String),
+    /// The fetch's own [`crate::PageSink`] refused a page: a local fault, not the peer's.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
     #[error(transparent)]
     Frame(#[from] FrameError),
 }
@@ -99,3 +102,8 @@ pub enum LinkError {
 #[derive(Debug, thiserror::Error)]
 #[error("page source: {0}")]
 pub struct SourceError(pub String);
+
+/// A [`crate::PageSink`] could not store a page.
+#[derive(Debug, thiserror::Error)]
+#[error("page sink: {0}")]
+pub struct SinkError(pub String);

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::cluster::Cluster;
+use crate::error::SinkError;
 use crate::error::{FabricError, LinkError};
 use crate::handshake::Credentials;
-use crate::link::client::{FetchedPage, Links};
+use crate::link::client::{FetchInto, FetchedPage, Landed, Links};
 use crate::link::server::LinkServer;
+use crate::link::sink::{PageBuffers, PageSink};
 use crate::member::NodeId;
 use crate::options::FabricOptions;
 use crate::source::PageSource;
@@ -34,7 +36,7 @@ pub struct FetchOutcome {
 /// How a fetch went, apart from the pages themselves.
 #[derive(Debug, Default)]
 pub struct FetchReport {
-    /// Pages handed to the sink: the leading keys fetched, in order.
+    /// Pages landed in the sink: the leading keys fetched, in order.
     pub delivered: usize,
     /// Candidates whose digest claimed the next key but that did not hold it.
     pub false_positives: u32,
@@ -103,28 +105,37 @@ impl Fabric {
         page_bytes: u64,
         deadline: Instant,
     ) -> FetchOutcome {
-        let mut pages = Vec::new();
-        let report = self
-            .fetch_prefix_into(keys, page_bytes, deadline, |page| pages.push(page))
+        let mut landed = Vec::new();
+        let sink = PageBuffers::new(page_bytes);
+        let (mut buffers, report) = self
+            .fetch_prefix_into(keys, page_bytes, deadline, sink, |page| landed.push(page))
             .await;
+        let pages = landed
+            .into_iter()
+            .map_while(|page| buffers.take(page))
+            .collect();
         FetchOutcome { pages, report }
     }
 
     /// Fetches as long a prefix of `keys` as peers hold, each page `page_bytes` long, before
-    /// `deadline`, handing each verified page to `sink` as it arrives (the node copies it
-    /// straight into its pool), in key order.
+    /// `deadline`, into `sink` (the node's writes into the pool extents it reserved), and calls
+    /// `landed` for each page that arrived whole and matched its checksum, in key order. Pages
+    /// written but not landed must not be kept. Returns the sink, which the link no longer
+    /// touches.
     ///
     /// A candidate that serves fewer pages than its digest claimed was a false positive; one
     /// that fails (dead, refused, corrupt page) is recorded. Either way the next candidate is
     /// asked for the keys still missing, so a dying peer costs the pages it did not send, not
-    /// the ones it did. With no candidate left the caller recomputes the rest.
-    pub async fn fetch_prefix_into(
+    /// the ones it did. With no candidate left the caller recomputes the rest. A sink that
+    /// refuses a page ends the fetch: the next holder would meet the same refusal.
+    pub async fn fetch_prefix_into<S: PageSink>(
         &self,
         keys: &[BlockKey],
         page_bytes: u64,
         deadline: Instant,
-        mut sink: impl FnMut(FetchedPage),
-    ) -> FetchReport {
+        mut sink: S,
+        mut landed: impl FnMut(Landed),
+    ) -> (S, FetchReport) {
         let mut report = FetchReport::default();
         let mut tried: Vec<NodeId> = Vec::new();
         while report.delivered < keys.len() && Instant::now() < deadline {
@@ -137,7 +148,11 @@ impl Fabric {
             let Some(candidate) = next else { break };
             let node = candidate.member.node_id.clone();
             tried.push(node.clone());
-            let (client, fresh) = match self.links.get(candidate.member.link_addr).await {
+            // Dialing has its own connect and handshake timeouts; the fetch's deadline bounds it too.
+            let dial =
+                tokio::time::timeout_at(deadline, self.links.get(candidate.member.link_addr));
+            let dialed = dial.await.unwrap_or(Err(LinkError::Deadline { pages: 0 }));
+            let (client, fresh) = match dialed {
                 Ok(link) => link,
                 Err(e) => {
                     tracing::warn!(peer = %node, error = %e, "cannot reach peer; trying the next holder");
@@ -149,31 +164,33 @@ impl Fabric {
                 self.cluster.observe_rtt(&node, client.handshake_rtt());
             }
             let claimed = candidate.claimed.min(rest.len());
-            let mut stream = client.fetch(&rest[..claimed], page_bytes, deadline);
-            let before = report.delivered;
-            let mut error = None;
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(page) => {
-                        report.delivered += 1;
-                        sink(page);
-                    }
-                    Err(e) => error = Some(e),
-                }
-            }
-            if report.delivered == before && error.is_none() {
+            let first = report.delivered;
+            let shifted = Shifted { sink, by: first };
+            let fetch = client.fetch_into(&rest[..claimed], page_bytes, deadline, shifted);
+            let (back, pages, error) = land_all(fetch, first, &mut landed).await;
+            sink = back;
+            report.delivered += pages;
+            if pages == 0 && error.is_none() {
                 report.false_positives += 1;
                 tracing::debug!(peer = %node, "digest false positive; trying the next holder");
             }
             if let Some(e) = error {
-                tracing::warn!(peer = %node, error = %e, got = report.delivered, "fetch from peer failed; trying the next holder");
                 if client.is_closed() {
                     self.links.forget(client.addr());
                 }
+                let local = matches!(e, LinkError::Sink(_));
+                if local {
+                    tracing::error!(peer = %node, error = %e, got = report.delivered, "the fetch's sink refused a page; not asking other holders");
+                } else {
+                    tracing::warn!(peer = %node, error = %e, got = report.delivered, "fetch from peer failed; trying the next holder");
+                }
                 report.failures.push((node, e));
+                if local {
+                    break;
+                }
             }
         }
-        report
+        (sink, report)
     }
 
     /// Leaves the gossip, so peers stop ranking this node, but keeps serving links until
@@ -191,5 +208,40 @@ impl Fabric {
         } = self;
         drop(server);
         cluster.leave().await;
+    }
+}
+
+/// Runs one holder's fetch to its end, passing each landed page on to `landed` under the
+/// caller's page index (the holder's page 0 is the caller's `first`); returns the sink, the
+/// pages landed, and the error that ended the fetch, if any.
+async fn land_all<S: PageSink>(
+    mut fetch: FetchInto<Shifted<S>>,
+    first: usize,
+    landed: &mut impl FnMut(Landed),
+) -> (S, usize, Option<LinkError>) {
+    let mut error = None;
+    while let Some(item) = fetch.next().await {
+        match item {
+            Ok(page) => landed(Landed {
+                index: first + page.index,
+                ..page
+            }),
+            Err(e) => error = Some(e),
+        }
+    }
+    let pages = fetch.delivered();
+    (fetch.into_sink().sink, pages, error)
+}
+
+/// One holder's view of the caller's sink: the holder is asked for the keys still missing, so
+/// its page 0 is the caller's page `by`.
+struct Shifted<S> {
+    sink: S,
+    by: usize,
+}
+
+impl<S: PageSink> PageSink for Shifted<S> {
+    fn write(&mut self, index: usize, offset: usize, bytes: &[u8]) -> Result<(), SinkError> {
+        self.sink.write(self.by + index, offset, bytes)
     }
 }

@@ -3,17 +3,23 @@
 //! A frame is `u32 LE length` followed by that many bytes: a bincode 2 encoded [`Message`]
 //! header, then, for [`Message::Page`] only, the page's raw bytes up to the end of the frame.
 //! Pages travel outside bincode so the sender writes them straight from its leased pool pages
-//! and the receiver hands them on as one [`Bytes`] without another copy.
+//! and the receiver can stream them where they belong: [`read_head`] decodes a header and
+//! leaves the page bytes on the stream, [`read_payload`] then passes them on piece by piece
+//! through one small reused buffer. [`read_frame`] reads a whole frame at once (handshake,
+//! requests, tests).
 //!
 //! Limits: a length prefix over the reader's `max_frame` is refused before any body byte is
 //! read or allocated ([`FrameError::TooLarge`]); a stream that ends inside a frame is
 //! [`FrameError::Truncated`]; a header that does not decode is [`FrameError::Malformed`]. Every
-//! page carries the crc32c its holder computed at save time, checked by [`verify_page`] on
-//! receipt, so a page corrupted in memory or on the wire is never stored.
+//! page carries the crc32c its holder computed at save time, checked with a [`PageCrc`] as the
+//! bytes arrive, so a page corrupted in memory or on the wire is never stored.
 
 use bincode::config::{Configuration, Limit, LittleEndian, Varint};
+use bincode::error::DecodeError;
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
+};
 
 use crate::error::FrameError;
 use crate::BlockKey;
@@ -21,6 +27,10 @@ use crate::BlockKey;
 /// Largest header bincode may decode: a fetch of 16k keys. Bounds what a header can make the
 /// decoder allocate independently of `max_frame`.
 pub const MAX_HEADER: usize = 1 << 20;
+
+/// Bytes [`read_head`] first tries to decode a header from: a whole page header (at most 20
+/// bytes), without copying much of the page after it.
+const HEAD_PROBE: usize = 64;
 
 type Config = Configuration<LittleEndian, Varint, Limit<MAX_HEADER>>;
 
@@ -96,6 +106,111 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     max_frame: u32,
 ) -> Result<Option<(Message, Bytes)>, FrameError> {
+    let Some(len) = read_len(reader, max_frame).await? else {
+        return Ok(None);
+    };
+    let mut body = BytesMut::with_capacity(len);
+    while body.len() < len {
+        let want = len - body.len();
+        let n = reader.read_buf(&mut (&mut body).limit(want)).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated {
+                got: body.len(),
+                want: len,
+            });
+        }
+    }
+    let Some((message, used)) = decode(&body)? else {
+        return Err(header_overruns_frame());
+    };
+    let payload = body.freeze().slice(used..);
+    check_payload(&message, payload.len())?;
+    Ok(Some((message, payload)))
+}
+
+/// A frame whose header is decoded and whose payload (a page's bytes) is still on the stream.
+#[derive(Debug)]
+pub struct FrameHead {
+    pub message: Message,
+    /// Payload bytes that follow on the stream; zero except for [`Message::Page`].
+    pub payload: usize,
+}
+
+/// Reads one frame's header and leaves its payload on the stream for [`read_payload`], so a
+/// page can be streamed to its destination instead of landing in a buffer of its own.
+/// `Ok(None)` on a clean end of stream between frames.
+///
+/// The header has no length of its own: it is decoded from what `reader` has buffered, taking
+/// [`HEAD_PROBE`] bytes first and twice as many each time the decoder needs more, and only the
+/// header's bytes are consumed.
+pub async fn read_head<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max_frame: u32,
+) -> Result<Option<FrameHead>, FrameError> {
+    let Some(len) = read_len(reader, max_frame).await? else {
+        return Ok(None);
+    };
+    let mut header = Vec::new();
+    loop {
+        if header.len() == len {
+            return Err(header_overruns_frame());
+        }
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Err(FrameError::Truncated {
+                got: header.len(),
+                want: len,
+            });
+        }
+        let before = header.len();
+        let take = available
+            .len()
+            .min(len - before)
+            .min(before.max(HEAD_PROBE));
+        header.extend_from_slice(&available[..take]);
+        match decode(&header)? {
+            Some((message, used)) => {
+                // The previous attempt needed more than `before` bytes, so `used > before`.
+                let rest = used.checked_sub(before).ok_or_else(header_overruns_frame)?;
+                reader.consume(rest);
+                let payload = len - used;
+                check_payload(&message, payload)?;
+                return Ok(Some(FrameHead { message, payload }));
+            }
+            None => reader.consume(take),
+        }
+    }
+}
+
+/// Reads the `len` payload bytes of the frame [`read_head`] just read, through `staging`, and
+/// hands each piece to `land` as it arrives, in order. Reusing one `staging` buffer keeps the
+/// bytes cache-hot between the socket copy and whatever `land` does with them, and costs no
+/// allocation or page fault per page.
+pub async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: usize,
+    staging: &mut [u8],
+    mut land: impl FnMut(&[u8]),
+) -> Result<(), FrameError> {
+    let mut got = 0;
+    while got < len {
+        let want = (len - got).min(staging.len());
+        let n = reader.read(&mut staging[..want]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated { got, want: len });
+        }
+        land(&staging[..n]);
+        got += n;
+    }
+    Ok(())
+}
+
+/// Reads a frame's length prefix and checks it against `max_frame`; `Ok(None)` on a clean end
+/// of stream before it.
+async fn read_len<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_frame: u32,
+) -> Result<Option<usize>, FrameError> {
     let mut prefix = [0u8; 4];
     let mut got = 0;
     while got < prefix.len() {
@@ -115,36 +230,73 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             max: max_frame as u64,
         });
     }
-    let mut body = BytesMut::with_capacity(len);
-    while body.len() < len {
-        let want = len - body.len();
-        let n = reader.read_buf(&mut (&mut body).limit(want)).await?;
-        if n == 0 {
-            return Err(FrameError::Truncated {
-                got: body.len(),
-                want: len,
-            });
-        }
-    }
-    let (message, used): (Message, usize) = bincode::decode_from_slice(&body, config())
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let payload = body.freeze().slice(used..);
-    if !matches!(message, Message::Page { .. }) && !payload.is_empty() {
-        return Err(FrameError::Malformed(format!(
-            "{} trailing bytes after a non-page header",
-            payload.len()
-        )));
-    }
-    Ok(Some((message, payload)))
+    Ok(Some(len))
 }
 
-/// Checks a received page against the crc32c its sender stored with it.
-pub fn verify_page(index: u32, data: &[u8], want: u32) -> Result<(), FrameError> {
-    let got = crc32c::crc32c(data);
-    if got != want {
-        return Err(FrameError::Checksum { index, got, want });
+/// Decodes a header from the start of `bytes`: the message and the bytes it used, or `None`
+/// when `bytes` ends inside it.
+fn decode(bytes: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
+    match bincode::decode_from_slice(bytes, config()) {
+        Ok(decoded) => Ok(Some(decoded)),
+        Err(DecodeError::UnexpectedEnd { .. }) => Ok(None),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+fn header_overruns_frame() -> FrameError {
+    FrameError::Malformed("the header runs past the end of its frame".into())
+}
+
+/// Only a page carries bytes after its header.
+fn check_payload(message: &Message, payload: usize) -> Result<(), FrameError> {
+    if !matches!(message, Message::Page { .. }) && payload != 0 {
+        return Err(FrameError::Malformed(format!(
+            "{payload} trailing bytes after a non-page header"
+        )));
     }
     Ok(())
+}
+
+/// A page's crc32c, computed piece by piece as its bytes arrive and then checked against the
+/// one its sender stored with it.
+#[derive(Clone, Copy, Debug)]
+pub struct PageCrc {
+    index: u32,
+    want: u32,
+    got: u32,
+}
+
+impl PageCrc {
+    /// Starts checking page `index`, whose sender stored `want`.
+    pub fn new(index: u32, want: u32) -> PageCrc {
+        PageCrc {
+            index,
+            want,
+            got: 0,
+        }
+    }
+
+    /// The page's index in its request, as its header gave it.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Adds the page's next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.got = crc32c::crc32c_append(self.got, bytes);
+    }
+
+    /// The verified checksum, or [`FrameError::Checksum`] when the bytes do not match it.
+    pub fn finish(self) -> Result<u32, FrameError> {
+        if self.got != self.want {
+            return Err(FrameError::Checksum {
+                index: self.index,
+                got: self.got,
+                want: self.want,
+            });
+        }
+        Ok(self.want)
+    }
 }
 
 #[cfg(test)]
@@ -179,7 +331,97 @@ mod tests {
         let Message::Page { crc32c, .. } = got else {
             unreachable!()
         };
-        verify_page(1, &payload, crc32c).expect("intact");
+        let mut crc = PageCrc::new(1, crc32c);
+        crc.update(&payload);
+        crc.finish().expect("intact");
+    }
+
+    /// Reads `wire` one frame head at a time through a reader that buffers `chunk` bytes, so
+    /// headers arrive split across refills; returns each message with its streamed payload.
+    async fn stream(wire: &[u8], chunk: usize) -> Result<Vec<(Message, Vec<u8>)>, FrameError> {
+        let mut reader = tokio::io::BufReader::with_capacity(chunk, wire);
+        let mut staging = [0u8; 7];
+        let mut frames = Vec::new();
+        while let Some(head) = read_head(&mut reader, MAX).await? {
+            let mut payload = Vec::new();
+            read_payload(&mut reader, head.payload, &mut staging, |piece| {
+                payload.extend_from_slice(piece)
+            })
+            .await?;
+            frames.push((head.message, payload));
+        }
+        Ok(frames)
+    }
+
+    #[tokio::test]
+    async fn heads_and_streamed_payloads_round_trip_however_the_bytes_arrive() {
+        let page = (0..5000u32).map(|i| i as u8).collect::<Vec<_>>();
+        let header = Message::Page {
+            request: 300,
+            index: 70_000,
+            crc32c: crc32c::crc32c(&page),
+        };
+        let done = Message::Done {
+            request: 300,
+            served: 1,
+        };
+        // A header far longer than the first probe, decoded in growing steps.
+        let failed = Message::Failed {
+            request: 301,
+            reason: "no such page ".repeat(1000),
+        };
+        let mut wire = encode(&header, &page).await;
+        wire.extend(encode(&done, &[]).await);
+        wire.extend(encode(&failed, &[]).await);
+        for chunk in [1, 3, 64, 1 << 16] {
+            let frames = stream(&wire, chunk).await.expect("decode");
+            assert_eq!(
+                frames,
+                vec![
+                    (header.clone(), page.clone()),
+                    (done.clone(), Vec::new()),
+                    (failed.clone(), Vec::new())
+                ],
+                "buffer of {chunk} bytes"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn streamed_frames_refuse_what_whole_frames_refuse() {
+        let wire = encode(
+            &Message::Page {
+                request: 1,
+                index: 0,
+                crc32c: 0,
+            },
+            &[1; 100],
+        )
+        .await;
+        // Cut in the prefix, in the header, and in the page bytes.
+        for cut in [2, 6, wire.len() - 1] {
+            let err = stream(&wire[..cut], 3).await.expect_err("truncated");
+            assert!(
+                matches!(err, FrameError::Truncated { .. }),
+                "cut at {cut}: {err}"
+            );
+        }
+        let err = stream(&(MAX + 1).to_le_bytes(), 3)
+            .await
+            .expect_err("oversize");
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+        let mut trailing = encode(&Message::Ping { nonce: 1 }, &[]).await;
+        trailing.push(0);
+        let len = (trailing.len() - 4) as u32;
+        trailing[..4].copy_from_slice(&len.to_le_bytes());
+        let err = stream(&trailing, 3).await.expect_err("trailing");
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+        // A frame too short for the header it starts.
+        let mut short = encode(&Message::Ping { nonce: 1 << 40 }, &[]).await;
+        short.truncate(6);
+        short[..4].copy_from_slice(&2u32.to_le_bytes());
+        let err = stream(&short, 3).await.expect_err("header past the frame");
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
     }
 
     #[tokio::test]
@@ -253,7 +495,12 @@ mod tests {
         let mut page = vec![1u8; 64];
         let crc = crc32c::crc32c(&page);
         page[10] ^= 1;
-        let err = verify_page(4, &page, crc).expect_err("corrupt");
+        let mut check = PageCrc::new(4, crc);
+        // In pieces, as the link computes it while the page arrives.
+        for piece in page.chunks(24) {
+            check.update(piece);
+        }
+        let err = check.finish().expect_err("corrupt");
         assert!(
             matches!(err, FrameError::Checksum { index: 4, .. }),
             "{err}"

@@ -10,7 +10,8 @@
 //! - The link moves pages: [`frame`] is the wire format (length-prefixed bincode 2 headers,
 //!   raw page bytes after them), [`handshake`] authenticates both ends on the cluster secret,
 //!   [`LinkServer`] serves pages leased from a [`PageSource`], [`LinkClient`] fetches them
-//!   pipelined over one reused connection with bounded in-flight bytes and a deadline.
+//!   pipelined over one reused connection with bounded in-flight bytes and a deadline, and
+//!   streams each page straight into where the caller's [`PageSink`] puts it.
 //! - [`Fabric`] wires the three together and adds [`Fabric::fetch_prefix`]: nearest holder
 //!   first, a false positive or a dead peer falls through to the next one, then to recompute.
 //! - `rdma` (feature `rdma`): one-sided reads of a peer's registered arena.
@@ -33,10 +34,13 @@ mod source;
 pub use change::{ChangeStream, MemberChange};
 pub use cluster::Cluster;
 pub use digest::{DigestShape, LocalDigest, RemoteDigest};
-pub use error::{FabricError, FrameError, HandshakeError, LinkError, SourceError};
+pub use error::{FabricError, FrameError, HandshakeError, LinkError, SinkError, SourceError};
 pub use fabric::{Fabric, FetchOutcome, FetchReport};
-pub use link::client::{FetchStream, FetchedPage, LinkClient, LinkOptions, Links};
+pub use link::client::{
+    FetchInto, FetchStream, FetchedPage, Landed, LinkClient, LinkOptions, Links,
+};
 pub use link::server::LinkServer;
+pub use link::sink::PageSink;
 pub use member::{Member, NodeId};
 pub use options::FabricOptions;
 pub use ranking::{rank_candidates, Candidate, PeerStats};

@@ -1,14 +1,19 @@
-//! The link against misbehaving peers: oversize frames, truncated pages, pipelining limits.
+//! The link against misbehaving peers: oversize frames, truncated pages, pipelining limits;
+//! and pages streamed in place into a caller's sink, landed only when whole and verified.
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{key, page};
 use pegaflow_fabric::frame::{read_frame, write_frame, Message};
 use pegaflow_fabric::handshake::{self, Credentials};
-use pegaflow_fabric::{LinkClient, LinkError, LinkOptions, LinkServer, MemorySource};
+use pegaflow_fabric::{
+    BlockKey, FetchInto, FrameError, Landed, LinkClient, LinkError, LinkOptions, LinkServer,
+    MemorySource, PageSink, SinkError,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -172,4 +177,186 @@ async fn silent_peer_hits_the_deadline() {
         "{error:?}"
     );
     assert!(start.elapsed() < Duration::from_millis(500));
+}
+
+/// A sink standing in for the node's pool: page `i` in the `i`-th slot of one buffer, with a
+/// count of the bytes written that outlives the sink, to watch the link after a fetch ends.
+struct Slots {
+    bytes: Vec<u8>,
+    page_bytes: usize,
+    written: Arc<AtomicUsize>,
+    /// Time each write takes, to keep the reader inside a page for a while.
+    slow: Duration,
+}
+
+impl Slots {
+    fn new(pages: usize, page_bytes: usize) -> Slots {
+        Slots {
+            bytes: vec![0; pages * page_bytes],
+            page_bytes,
+            written: Arc::default(),
+            slow: Duration::ZERO,
+        }
+    }
+
+    fn slot(&self, index: usize) -> &[u8] {
+        &self.bytes[index * self.page_bytes..(index + 1) * self.page_bytes]
+    }
+}
+
+impl PageSink for Slots {
+    fn write(&mut self, index: usize, offset: usize, bytes: &[u8]) -> Result<(), SinkError> {
+        std::thread::sleep(self.slow);
+        let start = index * self.page_bytes + offset;
+        self.bytes
+            .get_mut(start..start + bytes.len())
+            .ok_or_else(|| SinkError(format!("page {index} outside the slots")))?
+            .copy_from_slice(bytes);
+        self.written.fetch_add(bytes.len(), Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Runs `fetch` to its end: the pages that landed and the error that ended it, if any.
+async fn land_all(fetch: &mut FetchInto<Slots>) -> (Vec<Landed>, Option<LinkError>) {
+    let mut landed = Vec::new();
+    while let Some(item) = fetch.next().await {
+        match item {
+            Ok(page) => landed.push(page),
+            Err(e) => return (landed, Some(e)),
+        }
+    }
+    (landed, None)
+}
+
+fn source_of(keys: &[BlockKey], page_bytes: usize) -> MemorySource {
+    let source = MemorySource::new();
+    for (i, k) in keys.iter().enumerate() {
+        source.insert(*k, page(i as u64, page_bytes));
+    }
+    source
+}
+
+#[tokio::test]
+async fn pages_are_streamed_in_place_into_the_sink() {
+    // Pages over one staging buffer long, under a budget of three pages.
+    const PAGE: usize = 100 * 1024;
+    let keys: Vec<_> = (0..24).map(key).collect();
+    let source = source_of(&keys, PAGE);
+    let server = server(&source).await;
+    let options = LinkOptions {
+        max_inflight_bytes: 3 * PAGE as u32,
+        ..LinkOptions::default()
+    };
+    let client = LinkClient::connect(server.local_addr(), &creds("c"), &options)
+        .await
+        .expect("connect");
+    let slots = Slots::new(keys.len(), PAGE);
+    let mut fetch = client.fetch_into(&keys, PAGE as u64, soon(), slots);
+    let (landed, error) = land_all(&mut fetch).await;
+    assert!(error.is_none(), "{error:?}");
+    let slots = fetch.into_sink();
+    assert_eq!(landed.len(), keys.len());
+    for (i, page_landed) in landed.iter().enumerate() {
+        let want = page(i as u64, PAGE);
+        assert_eq!(page_landed.index, i);
+        assert_eq!(page_landed.key, keys[i]);
+        assert_eq!(page_landed.crc32c, crc32c::crc32c(&want));
+        assert_eq!(slots.slot(i), &want[..], "page {i} in its slot");
+    }
+    assert_eq!(source.active_leases(), 0);
+}
+
+#[tokio::test]
+async fn a_corrupt_page_is_written_in_place_but_never_landed() {
+    const PAGE: usize = 8192;
+    let keys: Vec<_> = (0..4).map(key).collect();
+    let source = source_of(&keys, PAGE);
+    let corrupt = page(2, PAGE);
+    source.insert_with_crc(keys[2], corrupt.clone(), crc32c::crc32c(&corrupt) ^ 1);
+    let server = server(&source).await;
+    let client = LinkClient::connect(server.local_addr(), &creds("c"), &LinkOptions::default())
+        .await
+        .expect("connect");
+    let mut fetch = client.fetch_into(&keys, PAGE as u64, soon(), Slots::new(4, PAGE));
+    let (landed, error) = land_all(&mut fetch).await;
+    let slots = fetch.into_sink();
+    assert_eq!(
+        landed.iter().map(|p| p.index).collect::<Vec<_>>(),
+        vec![0, 1],
+        "the pages before the corrupt one"
+    );
+    assert!(
+        matches!(
+            error,
+            Some(LinkError::Frame(FrameError::Checksum { index: 2, .. }))
+        ),
+        "{error:?}"
+    );
+    assert_eq!(
+        slots.slot(2),
+        &corrupt[..],
+        "its bytes went to its slot before the checksum failed"
+    );
+    // The frame was read to its end: the connection is still in step.
+    assert!(!client.is_closed());
+    client
+        .ping(soon())
+        .await
+        .expect("ping after a corrupt page");
+}
+
+#[tokio::test]
+async fn a_page_the_peer_died_inside_is_never_landed() {
+    let addr = truncating_peer().await;
+    let client = LinkClient::connect(addr, &creds("c"), &LinkOptions::default())
+        .await
+        .expect("connect");
+    let slots = Slots::new(1, 4096);
+    let written = Arc::clone(&slots.written);
+    let mut fetch = client.fetch_into(&[key(0)], 4096, soon(), slots);
+    let (landed, error) = land_all(&mut fetch).await;
+    assert!(landed.is_empty(), "a half-written page never lands");
+    assert!(
+        (1..4096).contains(&written.load(Ordering::SeqCst)),
+        "the part that arrived was written"
+    );
+    assert!(
+        matches!(error, Some(LinkError::Closed { ref reason, .. }) if reason.contains("inside a frame")),
+        "{error:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_never_writes_into_a_sink_its_fetch_gave_back() {
+    const PAGE: usize = 256 * 1024;
+    let keys: Vec<_> = (0..16).map(key).collect();
+    let source = source_of(&keys, PAGE);
+    let server = server(&source).await;
+    let client = LinkClient::connect(server.local_addr(), &creds("c"), &LinkOptions::default())
+        .await
+        .expect("connect");
+    // Given back with `into_sink` after the first page, and dropped after the first page.
+    for give_back in [true, false] {
+        let mut slots = Slots::new(keys.len(), PAGE);
+        slots.slow = Duration::from_millis(2);
+        let written = Arc::clone(&slots.written);
+        let mut fetch = client.fetch_into(&keys, PAGE as u64, soon(), slots);
+        let first = fetch.next().await.expect("a page").expect("lands");
+        assert_eq!(first.index, 0);
+        if give_back {
+            drop(fetch.into_sink());
+        } else {
+            drop(fetch);
+        }
+        let at_end = written.load(Ordering::SeqCst);
+        // The server answers in order: the pong comes after every page it was asked for.
+        client.ping(soon()).await.expect("ping");
+        assert_eq!(
+            written.load(Ordering::SeqCst),
+            at_end,
+            "no write after the fetch ended"
+        );
+        assert!(at_end < keys.len() * PAGE, "the fetch was cut short");
+    }
 }

@@ -2,13 +2,17 @@
 //! any local page.
 //!
 //! Pages are reserved first (a save reservation: the extents are this fetch's alone until it
-//! commits), each verified page is copied into its extent as it arrives, and the pages that
-//! arrived are committed with the checksums their holder stored. Whatever did not arrive is
-//! freed by the reservation's guard, so a dying peer or a deadline never leaks a page.
+//! commits). The link streams each page's bytes from the socket into its extent as they
+//! arrive ([`Placement`] is the fetch's `PageSink`), checksumming them on the way, and reports
+//! the pages that landed whole and verified; those are committed with the checksums their
+//! holder stored. Whatever did not land (a corrupt page, one a dying peer left half written,
+//! the rest after a deadline) is freed by the reservation's guard, so no page is leaked and no
+//! half-written extent is ever published.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use pegaflow_fabric::FetchedPage;
+use pegaflow_fabric::{PageSink, SinkError};
 use pegaflow_gpu_dma::Arena;
 
 use super::Peers;
@@ -53,20 +57,19 @@ impl Peers {
         }
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.fetch_timeout;
-        let mut placement = Placement {
-            arena: &self.arena,
-            extents: &extents,
-            crcs: Vec::with_capacity(extents.len()),
-            broken: false,
+        let wanted = &keys[..extents.len()];
+        let placement = Placement {
+            arena: self.arena.clone(),
+            extents,
         };
-        let report = self
+        let mut crcs = Vec::with_capacity(wanted.len());
+        let (_, report) = self
             .fabric
-            .fetch_prefix_into(&keys[..extents.len()], page_bytes, deadline, |page| {
-                placement.take(&page)
+            .fetch_prefix_into(wanted, page_bytes, deadline, placement, |page| {
+                crcs.push(page.crc32c)
             })
             .await;
         let lease = guard.id();
-        let crcs = placement.crcs;
         let fetched = crcs.len();
         let stored = ask(&self.pool, "pool", |reply| PoolMsg::CommitSave {
             lease,
@@ -102,40 +105,30 @@ impl Peers {
     }
 }
 
-/// Fetched pages being copied into their reserved extents, in key order.
-struct Placement<'a> {
-    arena: &'a Arena,
-    extents: &'a [Extent],
-    /// Checksums of the pages placed so far, one per leading extent.
-    crcs: Vec<u32>,
-    broken: bool,
+/// Where a fetch's pages go: page `i` into the `i`-th extent the reservation gave it.
+struct Placement {
+    arena: Arc<Arena>,
+    extents: Vec<Extent>,
 }
 
-impl Placement<'_> {
-    /// Copies the next page into its extent. After a page that cannot be placed, every later
-    /// page is ignored, so the committed pages stay a prefix.
-    fn take(&mut self, page: &FetchedPage) {
-        if self.broken {
-            return;
+impl PageSink for Placement {
+    fn write(&mut self, index: usize, offset: usize, bytes: &[u8]) -> Result<(), SinkError> {
+        let extent = self
+            .extents
+            .get(index)
+            .ok_or_else(|| SinkError(format!("no extent reserved for page {index}")))?;
+        // The link checked each page's length against the page size asked for, which the
+        // extent holds; this guards the pool against a bug elsewhere.
+        let end = offset as u64 + bytes.len() as u64;
+        if end > extent.len {
+            return Err(SinkError(format!(
+                "page {index}: {end} bytes do not fit its {}-byte extent",
+                extent.len
+            )));
         }
-        let Some(extent) = self.extents.get(self.crcs.len()) else {
-            self.broken = true;
-            return;
-        };
-        // The link checked the length against the page size asked for; the extent holds at
-        // least that, so this only guards the arena against a bug elsewhere.
-        let fits = page.data.len() as u64 <= extent.len;
-        match fits.then(|| self.arena.write(extent.offset, &page.data)) {
-            Some(Ok(())) => self.crcs.push(page.crc32c),
-            Some(Err(_)) | None => {
-                tracing::error!(
-                    bytes = page.data.len(),
-                    extent = extent.len,
-                    "cannot place a fetched page in the pool; keeping the pages before it"
-                );
-                self.broken = true;
-            }
-        }
+        self.arena
+            .write(extent.offset + offset as u64, bytes)
+            .map_err(|e| SinkError(e.to_string()))
     }
 }
 

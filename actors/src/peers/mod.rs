@@ -5,6 +5,8 @@
 mod fetch;
 mod metrics;
 mod source;
+#[cfg(test)]
+mod tests;
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;

@@ -3,11 +3,16 @@
 //!
 //! A [`LinkClient`] owns the connection's write half (behind an async lock, one frame at a
 //! time) and a reader task that demultiplexes response frames to the fetch that asked, by
-//! request id. A fetch ([`FetchStream`]) splits its keys into chunks and keeps several chunk
+//! request id. A fetch ([`FetchInto`]) splits its keys into chunks and keeps several chunk
 //! requests outstanding (pipelining), each only once it holds in-flight budget for the chunk's
 //! bytes: the per-link budget ([`LinkOptions::max_inflight_bytes`]) bounds how many page
-//! bytes can be on the wire or queued for a slow consumer. Every page is checked against its
-//! crc32c before it is handed out, and every wait is bounded by the fetch's deadline.
+//! bytes can be on the wire or queued for a slow consumer. Every wait is bounded by the fetch's
+//! deadline.
+//!
+//! Page bytes go where the fetch's [`PageSink`] says (the node's: its reserved pool extents):
+//! the reader streams them from the socket through one small reused buffer into the sink,
+//! computing the page's crc32c on the way, and only a page that arrived whole and matched its
+//! checksum is reported landed. [`FetchStream`] wraps a fetch into per-page [`Bytes`].
 //!
 //! A connection that fails (peer died, frame error) is closed for good: pending fetches get
 //! [`LinkError::Closed`] at once, and [`Links`] dials a fresh one next time.
@@ -26,12 +31,17 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::error::{FrameError, LinkError};
-use crate::frame::{read_frame, verify_page, write_frame, Message};
+use crate::error::{FrameError, LinkError, SinkError};
+use crate::frame::{read_head, read_payload, write_frame, Message, PageCrc};
 use crate::handshake::{self, Credentials};
+use crate::link::sink::{PageBuffers, PageSink, SinkSlot, SinkWriter};
 use crate::BlockKey;
 
 const IO_BUFFER: usize = 64 * 1024;
+/// Bytes of a page the reader moves at a time: small enough to stay in the core's cache from
+/// the socket copy through the checksum to the sink's copy. On the 2-core dev VM, 64 and
+/// 128 KiB fetched fastest; 32, 256 KiB and 1 MiB were slower (docs/fabric.md, Benchmark).
+const STAGING: usize = 64 * 1024;
 /// Most keys in one chunk request, so one request never monopolises the link.
 const MAX_CHUNK_KEYS: usize = 256;
 /// Chunks a fetch keeps in flight at most: enough to hide the round trip between chunks.
@@ -69,13 +79,24 @@ pub struct FetchedPage {
     pub crc32c: u32,
 }
 
+/// A page of a fetch that is in its sink, whole, and matched its checksum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Landed {
+    /// Its position in the fetch's keys.
+    pub index: usize,
+    pub key: BlockKey,
+    /// The crc32c the holder stored and the bytes were checked against; the pool stores it.
+    pub crc32c: u32,
+}
+
 /// What the reader task hands to a waiting request.
 enum Event {
+    /// The chunk's next page is in the sink, whole and verified.
     Page {
-        index: u32,
         crc32c: u32,
-        data: Bytes,
     },
+    /// The chunk's next page was not landed; the connection is still in step.
+    Refused(Refusal),
     Done {
         served: u32,
     },
@@ -84,7 +105,55 @@ enum Event {
     Closed(String),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>>;
+/// Why the reader did not land a page.
+enum Refusal {
+    /// Not the page the chunk expects next, or a page for a request that asked for none.
+    OutOfOrder,
+    Size {
+        got: usize,
+        want: u64,
+    },
+    Corrupt(FrameError),
+    Sink(SinkError),
+}
+
+/// Who waits for a request's frames.
+struct Waiter {
+    events: mpsc::UnboundedSender<Event>,
+    /// Where a fetch chunk's pages go; `None` for a ping.
+    pages: Option<ChunkPages>,
+}
+
+/// A fetch chunk's pages, as the reader routes them.
+struct ChunkPages {
+    sink: Arc<dyn SinkWriter>,
+    /// Fetch index of the chunk's first page.
+    start: usize,
+    len: usize,
+    /// Pages of the chunk the reader has begun to receive.
+    begun: usize,
+    page_bytes: u64,
+}
+
+impl ChunkPages {
+    /// Where the page the peer announced as the chunk's page `index`, `len` bytes long, goes:
+    /// the sink and its fetch index, or why it is refused.
+    fn claim(&mut self, index: u32, len: usize) -> Result<(Arc<dyn SinkWriter>, usize), Refusal> {
+        if index as usize != self.begun || self.begun >= self.len {
+            return Err(Refusal::OutOfOrder);
+        }
+        if len as u64 != self.page_bytes {
+            return Err(Refusal::Size {
+                got: len,
+                want: self.page_bytes,
+            });
+        }
+        self.begun += 1;
+        Ok((Arc::clone(&self.sink), self.start + index as usize))
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
 
 /// An authenticated connection to one peer; cheap to clone, shared by concurrent fetches.
 #[derive(Clone)]
@@ -184,7 +253,7 @@ impl LinkClient {
 
     /// Measures one round trip, for the ranking.
     pub async fn ping(&self, deadline: Instant) -> Result<Duration, LinkError> {
-        let (request, mut events) = self.register();
+        let (request, mut events) = self.register(None);
         let start = Instant::now();
         self.send(&Message::Ping { nonce: request }).await?;
         let event = tokio::time::timeout_at(deadline, events.recv()).await;
@@ -201,11 +270,17 @@ impl LinkClient {
     }
 
     /// Starts fetching the longest prefix of `keys` the peer holds, each page `page_bytes`
-    /// long, all of it before `deadline`.
-    pub fn fetch(&self, keys: &[BlockKey], page_bytes: u64, deadline: Instant) -> FetchStream {
+    /// long, all of it before `deadline`, into `sink`.
+    pub fn fetch_into<S: PageSink>(
+        &self,
+        keys: &[BlockKey],
+        page_bytes: u64,
+        deadline: Instant,
+        sink: S,
+    ) -> FetchInto<S> {
         let page_bytes = page_bytes.max(1);
         let per_chunk = (self.inner.max_inflight as u64 / CHUNKS_IN_FLIGHT / page_bytes).max(1);
-        FetchStream {
+        FetchInto {
             client: self.clone(),
             keys: keys.to_vec(),
             page_bytes,
@@ -215,13 +290,21 @@ impl LinkClient {
             delivered: 0,
             chunks: VecDeque::new(),
             ended: false,
+            sink: Arc::new(Mutex::new(Some(sink))),
         }
     }
 
-    fn register(&self) -> (u64, mpsc::UnboundedReceiver<Event>) {
+    /// Like [`LinkClient::fetch_into`], each page in a buffer of its own (tests, tools).
+    pub fn fetch(&self, keys: &[BlockKey], page_bytes: u64, deadline: Instant) -> FetchStream {
+        FetchStream {
+            fetch: self.fetch_into(keys, page_bytes, deadline, PageBuffers::new(page_bytes)),
+        }
+    }
+
+    fn register(&self, pages: Option<ChunkPages>) -> (u64, mpsc::UnboundedReceiver<Event>) {
         let request = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.inner.pending).insert(request, tx);
+        let (events, rx) = mpsc::unbounded_channel();
+        lock(&self.inner.pending).insert(request, Waiter { events, pages });
         (request, rx)
     }
 
@@ -261,12 +344,14 @@ impl LinkClient {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain maps and flags: a panic elsewhere cannot leave them half-updated.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps, flags and sinks written piece by piece: a panic elsewhere cannot leave them
+    // half-updated in a way that matters (a sink's unlanded page is never kept).
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Demultiplexes response frames until the connection fails, then fails every waiter.
+/// Demultiplexes response frames until the connection fails, then fails every waiter. Page
+/// bytes are streamed into their fetch's sink through one reused staging buffer.
 async fn read_loop(
     mut reader: BufReader<OwnedReadHalf>,
     addr: SocketAddr,
@@ -274,32 +359,33 @@ async fn read_loop(
     closed: Arc<Mutex<Option<String>>>,
     max_frame: u32,
 ) {
+    let mut staging = vec![0u8; STAGING];
     let reason = loop {
-        let (message, payload) = match read_frame(&mut reader, max_frame).await {
-            Ok(Some(frame)) => frame,
+        let head = match read_head(&mut reader, max_frame).await {
+            Ok(Some(head)) => head,
             Ok(None) => break "peer closed the connection".to_owned(),
-            Err(e) => {
-                if let FrameError::TooLarge { len, max } = e {
-                    tracing::warn!(peer = %addr, len, max, "link frame over the size limit refused; closing the connection");
-                } else {
-                    tracing::warn!(peer = %addr, error = %e, "bad link frame; closing the connection");
-                }
-                break e.to_string();
-            }
+            Err(e) => break frame_failed(addr, e),
         };
-        let (request, event) = match message {
+        let (request, event) = match head.message {
             Message::Page {
                 request,
                 index,
                 crc32c,
-            } => (
-                request,
-                Event::Page {
-                    index,
-                    crc32c,
-                    data: payload,
-                },
-            ),
+            } => {
+                let page = PageCrc::new(index, crc32c);
+                let received = receive_page(
+                    &mut reader,
+                    &mut staging,
+                    &pending,
+                    request,
+                    page,
+                    head.payload,
+                );
+                match received.await {
+                    Ok(()) => continue,
+                    Err(e) => break frame_failed(addr, e),
+                }
+            }
             Message::Done { request, served } => (request, Event::Done { served }),
             Message::Failed { request, reason } => (request, Event::Failed(reason)),
             Message::Pong { nonce } => (nonce, Event::Pong),
@@ -309,13 +395,90 @@ async fn read_loop(
             }
         };
         // A request nobody waits for any more (its fetch was dropped) is simply discarded.
-        if let Some(tx) = lock(&pending).get(&request) {
-            let _ = tx.send(event);
+        if let Some(waiter) = lock(&pending).get(&request) {
+            let _ = waiter.events.send(event);
         }
     };
     *lock(&closed) = Some(reason.clone());
-    for (_, tx) in lock(&pending).drain() {
-        let _ = tx.send(Event::Closed(reason.clone()));
+    for (_, waiter) in lock(&pending).drain() {
+        let _ = waiter.events.send(Event::Closed(reason.clone()));
+    }
+}
+
+/// Logs a frame error that ends the connection and returns the reason waiters get.
+fn frame_failed(addr: SocketAddr, e: FrameError) -> String {
+    if let FrameError::TooLarge { len, max } = e {
+        tracing::warn!(peer = %addr, len, max, "link frame over the size limit refused; closing the connection");
+    } else {
+        tracing::warn!(peer = %addr, error = %e, "bad link frame; closing the connection");
+    }
+    e.to_string()
+}
+
+/// Streams the `len` bytes of one page from the socket into the sink of the fetch chunk that
+/// asked for it, checking `page`'s crc32c on the way, and tells the fetch whether it landed.
+/// A page nobody waits for (its fetch ended) or one that is refused is still read to its end,
+/// so the connection stays in step; an error here (the peer died inside the page) closes it,
+/// and the half-written page is never reported landed.
+async fn receive_page(
+    reader: &mut BufReader<OwnedReadHalf>,
+    staging: &mut [u8],
+    pending: &Pending,
+    request: u64,
+    page: PageCrc,
+    len: usize,
+) -> Result<(), FrameError> {
+    let claimed = lock(pending).get_mut(&request).map(|waiter| {
+        let target = match waiter.pages.as_mut() {
+            Some(pages) => pages.claim(page.index(), len),
+            None => Err(Refusal::OutOfOrder),
+        };
+        (waiter.events.clone(), target)
+    });
+    let Some((events, target)) = claimed else {
+        return read_payload(reader, len, staging, |_| {}).await;
+    };
+    let mut landing = Landing {
+        target,
+        offset: 0,
+        crc: page,
+    };
+    read_payload(reader, len, staging, |piece| landing.piece(piece)).await?;
+    let _ = events.send(landing.finish());
+    Ok(())
+}
+
+/// One page on its way from the socket into its sink.
+struct Landing {
+    /// The sink and the page's fetch index, until the page is refused.
+    target: Result<(Arc<dyn SinkWriter>, usize), Refusal>,
+    /// Bytes of the page written so far.
+    offset: usize,
+    crc: PageCrc,
+}
+
+impl Landing {
+    /// Checksums the page's next bytes while they are cache-hot and writes them to the sink.
+    fn piece(&mut self, bytes: &[u8]) {
+        let Ok((sink, index)) = &self.target else {
+            return;
+        };
+        self.crc.update(bytes);
+        if let Err(e) = sink.write(*index, self.offset, bytes) {
+            self.target = Err(Refusal::Sink(e));
+        }
+        self.offset += bytes.len();
+    }
+
+    /// What the fetch hears once the whole page was read.
+    fn finish(self) -> Event {
+        let checked = self
+            .target
+            .and_then(|_| self.crc.finish().map_err(Refusal::Corrupt));
+        match checked {
+            Ok(crc32c) => Event::Page { crc32c },
+            Err(refusal) => Event::Refused(refusal),
+        }
     }
 }
 
@@ -331,9 +494,10 @@ struct Chunk {
     budget: OwnedSemaphorePermit,
 }
 
-/// A fetch in progress: yields verified pages in key order, ends at the end of the peer's
-/// prefix. Dropping it abandons the rest.
-pub struct FetchStream {
+/// A fetch in progress into a [`PageSink`]: yields each page that landed, in key order, and
+/// ends at the end of the peer's prefix. Dropping it abandons the rest; once it is dropped or
+/// [`FetchInto::into_sink`] returned, the link never writes into the sink again.
+pub struct FetchInto<S: PageSink> {
     client: LinkClient,
     keys: Vec<BlockKey>,
     page_bytes: u64,
@@ -343,25 +507,28 @@ pub struct FetchStream {
     delivered: usize,
     chunks: VecDeque<Chunk>,
     ended: bool,
+    /// Shared with the reader task, which writes pages into it; emptied when the fetch ends.
+    sink: Arc<SinkSlot<S>>,
 }
 
-impl Drop for FetchStream {
+impl<S: PageSink> Drop for FetchInto<S> {
     fn drop(&mut self) {
-        for chunk in &self.chunks {
-            self.client.unregister(chunk.request);
-        }
+        self.finish();
+        // Taken under the lock the reader writes under, so no write is in progress or follows.
+        drop(lock(&self.sink).take());
     }
 }
 
-impl FetchStream {
-    /// Pages delivered so far.
+impl<S: PageSink> FetchInto<S> {
+    /// Pages landed so far.
     pub fn delivered(&self) -> usize {
         self.delivered
     }
 
-    /// The next page; `None` when the peer's prefix (or the key list) is exhausted. An error
-    /// ends the stream; pages delivered before it remain valid.
-    pub async fn next(&mut self) -> Option<Result<FetchedPage, LinkError>> {
+    /// The next page that landed; `None` when the peer's prefix (or the key list) is
+    /// exhausted. An error ends the fetch; pages landed before it remain valid, the page it
+    /// was receiving does not.
+    pub async fn next(&mut self) -> Option<Result<Landed, LinkError>> {
         if self.ended {
             return None;
         }
@@ -379,16 +546,12 @@ impl FetchStream {
         }
     }
 
-    /// Collects every remaining page; on error, returns the pages delivered before it too.
-    pub async fn collect(mut self) -> (Vec<FetchedPage>, Option<LinkError>) {
-        let mut pages = Vec::new();
-        while let Some(item) = self.next().await {
-            match item {
-                Ok(page) => pages.push(page),
-                Err(e) => return (pages, Some(e)),
-            }
-        }
-        (pages, None)
+    /// Ends the fetch and gives its sink back; the link will not write into it again.
+    pub fn into_sink(mut self) -> S {
+        self.finish();
+        lock(&self.sink)
+            .take()
+            .expect("the sink leaves its slot only here or when the fetch is dropped")
     }
 
     fn finish(&mut self) {
@@ -398,7 +561,7 @@ impl FetchStream {
         }
     }
 
-    async fn step(&mut self) -> Result<Option<FetchedPage>, LinkError> {
+    async fn step(&mut self) -> Result<Option<Landed>, LinkError> {
         loop {
             self.send_chunks().await?;
             let Some(chunk) = self.chunks.front_mut() else {
@@ -410,25 +573,8 @@ impl FetchStream {
                     pages: self.delivered,
                 })?;
             match event {
-                Some(Event::Page {
-                    index,
-                    crc32c,
-                    data,
-                }) => {
-                    if index as usize != chunk.received || chunk.received >= chunk.len {
-                        return Err(self.client.protocol("page out of order"));
-                    }
-                    if data.len() as u64 != self.page_bytes {
-                        return Err(self.client.protocol(&format!(
-                            "page of {} bytes, expected {}",
-                            data.len(),
-                            self.page_bytes
-                        )));
-                    }
-                    verify_page(index, &data, crc32c).inspect_err(|e| {
-                        tracing::warn!(peer = %self.client.addr(), error = %e, "corrupt page from peer; fetch abandoned");
-                    })?;
-                    let key = self.keys[chunk.start + chunk.received];
+                Some(Event::Page { crc32c }) => {
+                    let index = chunk.start + chunk.received;
                     chunk.received += 1;
                     // Hand this page's budget back: it now belongs to the consumer.
                     let share = permits_for(self.page_bytes, self.client.inner.max_inflight);
@@ -436,8 +582,13 @@ impl FetchStream {
                         drop(chunk.budget.split(share as usize));
                     }
                     self.delivered += 1;
-                    return Ok(Some(FetchedPage { key, data, crc32c }));
+                    return Ok(Some(Landed {
+                        index,
+                        key: self.keys[index],
+                        crc32c,
+                    }));
                 }
+                Some(Event::Refused(refusal)) => return Err(self.refused(refusal)),
                 Some(Event::Done { served }) => {
                     let short = (served as usize) < chunk.len || chunk.received < chunk.len;
                     if let Some(done) = self.chunks.pop_front() {
@@ -453,6 +604,20 @@ impl FetchStream {
                 Some(Event::Closed(reason)) => return Err(self.client.closed_error(reason)),
                 None => return Err(self.client.closed_error("link closed".into())),
             }
+        }
+    }
+
+    fn refused(&self, refusal: Refusal) -> LinkError {
+        match refusal {
+            Refusal::OutOfOrder => self.client.protocol("page out of order"),
+            Refusal::Size { got, want } => self
+                .client
+                .protocol(&format!("page of {got} bytes, expected {want}")),
+            Refusal::Corrupt(e) => {
+                tracing::warn!(peer = %self.client.addr(), error = %e, "corrupt page from peer; fetch abandoned");
+                LinkError::Frame(e)
+            }
+            Refusal::Sink(e) => LinkError::Sink(e),
         }
     }
 
@@ -476,7 +641,14 @@ impl FetchStream {
                     Err(_) => return Ok(()),
                 }
             };
-            let (request, events) = self.client.register();
+            let pages = ChunkPages {
+                sink: Arc::clone(&self.sink) as Arc<dyn SinkWriter>,
+                start: self.sent,
+                len,
+                begun: 0,
+                page_bytes: self.page_bytes,
+            };
+            let (request, events) = self.client.register(Some(pages));
             let keys = self.keys[self.sent..self.sent + len].to_vec();
             self.chunks.push_back(Chunk {
                 request,
@@ -490,6 +662,44 @@ impl FetchStream {
             self.client.send(&Message::Fetch { request, keys }).await?;
         }
         Ok(())
+    }
+}
+
+/// A fetch whose pages are handed out as [`FetchedPage`]s, each in a buffer of its own.
+pub struct FetchStream {
+    fetch: FetchInto<PageBuffers>,
+}
+
+impl FetchStream {
+    /// Pages delivered so far.
+    pub fn delivered(&self) -> usize {
+        self.fetch.delivered()
+    }
+
+    /// The next page; `None` when the peer's prefix (or the key list) is exhausted. An error
+    /// ends the stream; pages delivered before it remain valid.
+    pub async fn next(&mut self) -> Option<Result<FetchedPage, LinkError>> {
+        let landed = match self.fetch.next().await? {
+            Ok(landed) => landed,
+            Err(e) => return Some(Err(e)),
+        };
+        let page = lock(&self.fetch.sink)
+            .as_mut()
+            .and_then(|buffers| buffers.take(landed));
+        let missing = || SinkError(format!("landed page {} was not kept", landed.index));
+        Some(page.ok_or_else(|| missing().into()))
+    }
+
+    /// Collects every remaining page; on error, returns the pages delivered before it too.
+    pub async fn collect(mut self) -> (Vec<FetchedPage>, Option<LinkError>) {
+        let mut pages = Vec::new();
+        while let Some(item) = self.next().await {
+            match item {
+                Ok(page) => pages.push(page),
+                Err(e) => return (pages, Some(e)),
+            }
+        }
+        (pages, None)
     }
 }
 
