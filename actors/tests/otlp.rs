@@ -66,8 +66,8 @@ impl TraceService for Received {
 }
 
 impl Received {
-    /// The latest exported value of sum or gauge `name` (first data point).
-    fn number(&self, name: &str) -> Option<f64> {
+    /// `read` applied to the latest export of metric `name`.
+    fn latest<T>(&self, name: &str, read: impl FnOnce(&Data) -> Option<T>) -> Option<T> {
         let batches = self.metrics.lock().unwrap();
         let metric = batches
             .iter()
@@ -76,11 +76,16 @@ impl Received {
             .flat_map(|r| &r.scope_metrics)
             .flat_map(|s| &s.metrics)
             .find(|m| m.name == name)?;
-        let point = match metric.data.as_ref()? {
-            Data::Sum(sum) => sum.data_points.first()?,
-            Data::Gauge(gauge) => gauge.data_points.first()?,
-            _ => return None,
-        };
+        read(metric.data.as_ref()?)
+    }
+
+    /// The latest exported value of sum or gauge `name` (first data point).
+    fn number(&self, name: &str) -> Option<f64> {
+        let point = self.latest(name, |data| match data {
+            Data::Sum(sum) => sum.data_points.first().cloned(),
+            Data::Gauge(gauge) => gauge.data_points.first().cloned(),
+            _ => None,
+        })?;
         match point.value? {
             number_data_point::Value::AsDouble(v) => Some(v),
             number_data_point::Value::AsInt(v) => Some(v as f64),
@@ -89,18 +94,10 @@ impl Received {
 
     /// Total count of histogram `name` over its data points, from the latest export of it.
     fn histogram_count(&self, name: &str) -> Option<u64> {
-        let batches = self.metrics.lock().unwrap();
-        let metric = batches
-            .iter()
-            .rev()
-            .flat_map(|b| &b.resource_metrics)
-            .flat_map(|r| &r.scope_metrics)
-            .flat_map(|s| &s.metrics)
-            .find(|m| m.name == name)?;
-        match metric.data.as_ref()? {
+        self.latest(name, |data| match data {
             Data::Histogram(h) => Some(h.data_points.iter().map(|p| p.count).sum()),
             _ => None,
-        }
+        })
     }
 
     fn span(&self, name: &str) -> Option<Span> {

@@ -7,25 +7,30 @@ use pegaflow_config::Size;
 use pegaflow_scenarios::report::html;
 use pegaflow_scenarios::{run, Options, Report, Scenario};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn short_conversation_replay_writes_checked_reports() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conversation-1node.toml");
-    let mut scenario = Scenario::load(&path).expect("conversation-1node.toml");
-    scenario.report.capacity_sweep = vec![Size::mib(16), Size::mib(64)];
+/// Replays the first `requests` of `scenario`, writes its JSON and HTML reports, and reads them
+/// back: what a user of the reports would see.
+async fn replay_and_reread(scenario: &Scenario, requests: usize) -> (Report, String) {
     let options = Options {
-        limit: Some(80),
+        limit: Some(requests),
         quiet: true,
         ..Options::default()
     };
-    let report = run(&scenario, &options).await.expect("replay");
+    let report = run(scenario, &options).await.expect("replay");
     let out = tempfile::tempdir().expect("tempdir");
     let json = out.path().join("r.json");
     let page = out.path().join("r.html");
     report.write_json(&json).expect("json");
     html::write(&report, &page).expect("html");
+    let back = serde_json::from_str(&std::fs::read_to_string(&json).expect("read")).expect("parse");
+    (back, std::fs::read_to_string(&page).expect("read html"))
+}
 
-    let back: Report =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("read")).expect("parse");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_conversation_replay_writes_checked_reports() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conversation-1node.toml");
+    let mut scenario = Scenario::load(&path).expect("conversation-1node.toml");
+    scenario.report.capacity_sweep = vec![Size::mib(16), Size::mib(64)];
+    let (back, html) = replay_and_reread(&scenario, 80).await;
     assert_eq!(back.scenario, "conversation-1node");
     assert_eq!(
         back.scenario_toml,
@@ -50,7 +55,6 @@ async fn short_conversation_replay_writes_checked_reports() {
         back.runs[1].block_hit_ratio >= back.runs[0].block_hit_ratio,
         "more capacity never hits less on this slice"
     );
-    let html = std::fs::read_to_string(&page).expect("read html");
     for needle in [
         "<svg",
         "Hit ratio over time",
@@ -73,20 +77,7 @@ async fn short_fabric_replay_records_remote_hits() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conversation-4nodes-shared.toml");
     let mut scenario = Scenario::load(&path).expect("conversation-4nodes-shared.toml");
     scenario.cluster.pool = Size::mib(64);
-    let options = Options {
-        limit: Some(200),
-        quiet: true,
-        ..Options::default()
-    };
-    let report = run(&scenario, &options).await.expect("replay");
-    let out = tempfile::tempdir().expect("tempdir");
-    let json = out.path().join("r.json");
-    let page = out.path().join("r.html");
-    report.write_json(&json).expect("json");
-    html::write(&report, &page).expect("html");
-
-    let back: Report =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("read")).expect("parse");
+    let (back, html) = replay_and_reread(&scenario, 200).await;
     let r = &back.runs[0];
     assert_eq!((r.nodes, r.requests), (4, 200));
     assert!(r.checks.passed, "{:?}", r.checks);
@@ -116,7 +107,6 @@ async fn short_fabric_replay_records_remote_hits() {
         .filter(|life| life.fabric.is_some())
         .count();
     assert_eq!(lifetimes_with_fabric, 4, "every node ran the fabric");
-    let html = std::fs::read_to_string(&page).expect("read html");
     for needle in [
         "Hits per tier",
         "loaded: remote",
