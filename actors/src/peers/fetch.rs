@@ -95,12 +95,7 @@ impl Peers {
             failures: report.failures.len() as u32,
         };
         self.metrics.fetch_done(&summary, took);
-        for peer in self.view() {
-            if let Some(ms) = peer.rtt_ms {
-                self.metrics
-                    .peer_rtt(&peer.node_id, std::time::Duration::from_secs_f64(ms / 1e3));
-            }
-        }
+        self.publish_rtts();
         Ok(summary)
     }
 }

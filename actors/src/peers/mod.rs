@@ -146,6 +146,17 @@ impl Peers {
         peers
     }
 
+    /// Sets each live peer's RTT gauge to what this node measured (a fetch may have added a
+    /// sample).
+    fn publish_rtts(&self) {
+        let cluster = self.fabric.cluster();
+        for member in cluster.members() {
+            if let Some(rtt) = cluster.peer_stats(&member.node_id).rtt {
+                self.metrics.peer_rtt(&member.node_id.to_string(), rtt);
+            }
+        }
+    }
+
     /// Publishes pending digest changes now (tests; shutdown).
     pub async fn flush(&self) {
         self.fabric.cluster().flush().await;
