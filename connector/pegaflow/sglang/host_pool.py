@@ -31,12 +31,12 @@ import logging
 import mmap
 import os
 import re
-import secrets
 import weakref
 from typing import Any
 
 import torch
 
+from .. import shm
 from ..keys import Namespace
 from ..vllm.layout import TORCH_DTYPES
 
@@ -181,11 +181,8 @@ def share_in_place(buffer: torch.Tensor, *, keep_contents: bool) -> SharedBuffer
     length = -(-buffer.numel() * buffer.element_size() // page) * page
     if start + length > vma_end:
         raise UnsupportedPool("the host pool's last page is shared with another mapping")
-    name = f"pegaflow-sglang-{os.getpid()}-{secrets.token_hex(4)}"
-    path = f"/dev/shm/{name}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    name, path, fd = shm.create("sglang", length)
     try:
-        os.ftruncate(fd, length)
         if keep_contents:
             _write_all(fd, (ctypes.c_char * length).from_address(start))
         ranges = getattr(buffer, _REGISTERED_RANGES_ATTR, None) or []
@@ -202,11 +199,11 @@ def share_in_place(buffer: torch.Tensor, *, keep_contents: bool) -> SharedBuffer
             raise OSError(ctypes.get_errno(), f"mmap(MAP_FIXED) of {path} over the host pool")
         _cuda_host_register(ranges)
     except BaseException:
-        _unlink(path)
+        shm.unlink(path)
         raise
     finally:
         os.close(fd)
-    shared = SharedBuffer(name, length, weakref.finalize(buffer, _unlink, path))
+    shared = SharedBuffer(name, length, weakref.finalize(buffer, shm.unlink, path))
     log.info("PegaFlow sglang: host pool (%d bytes) now lives in %s", length, path)
     return shared
 
@@ -278,10 +275,3 @@ def _libc() -> Any:
         ctypes.c_long,
     ]
     return libc
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

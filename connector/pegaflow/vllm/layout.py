@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
+from .. import shm
 from ..cuda import ipc_region
 from ..keys import Namespace
 
@@ -192,13 +192,8 @@ def share_cpu_tensors(
     for ptr, storage in storages.items():
         bases[ptr] = total
         total += -(-storage.nbytes() // 4096) * 4096
-    name = f"pegaflow-vllm-{os.getpid()}-{secrets.token_hex(4)}"
-    path = f"/dev/shm/{name}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, total)
-    finally:
-        os.close(fd)
+    name, path, fd = shm.create("vllm", total)
+    os.close(fd)
     try:
         shared = torch.UntypedStorage.from_file(path, shared=True, nbytes=total)
         for ptr, storage in storages.items():
@@ -206,7 +201,7 @@ def share_cpu_tensors(
                 _bytes_of(storage, 0, storage.nbytes())
             )
     except BaseException:
-        _unlink(path)
+        shm.unlink(path)
         raise
     for view in views.values():
         old = view.untyped_storage()
@@ -221,7 +216,7 @@ def share_cpu_tensors(
         layers=describe_layers(tensors, shared.data_ptr(), segment),
         device=tensors[0].device,
     )
-    region.close = weakref.finalize(region, _unlink, path)  # also runs at interpreter exit
+    region.close = weakref.finalize(region, shm.unlink, path)  # also runs at interpreter exit
     return region
 
 
@@ -262,10 +257,3 @@ def layer_index(name: str) -> int:
 
 def _bytes_of(storage: torch.UntypedStorage, offset: int, nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage, offset, (nbytes,), (1,))
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
