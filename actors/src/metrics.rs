@@ -443,6 +443,8 @@ mod tests {
         // The fabric's series, registered when `fabric.enabled`; per-peer ones once measured.
         let fabric = crate::peers::FabricMetrics::new(metrics.registry()).expect("fabric metrics");
         fabric.peer_rtt("peer-a", Duration::from_millis(1));
+        fabric.received_from("peer-a", 1);
+        fabric.peer_digest_age("peer-a", Duration::from_millis(1));
         let exported: BTreeSet<String> = metrics
             .registry()
             .gather()

@@ -246,10 +246,40 @@ async fn a_block_saved_on_a_is_found_on_every_node_and_loaded_byte_exact_on_c() 
     );
     let peers: Vec<&str> = fabric.peers.iter().map(|p| p.node_id.as_str()).collect();
     assert_eq!(peers, ["a", "b"]);
+    // Every fetched byte came from A, none from B, and C served nothing.
+    let traffic: Vec<(u64, u64)> = fabric
+        .peers
+        .iter()
+        .map(|p| (p.bytes_received, p.bytes_sent))
+        .collect();
+    assert_eq!(traffic, [(fabric.fetched_bytes, 0), (0, 0)]);
+    assert_eq!(fabric.fetched_bytes, 8 * saved.block(0).len() as u64);
+    assert_digests_fresh(&c_stats, "c");
     assert_no_pages_held(&c_stats, "c");
     let a_stats = stats(&mut a.client().await).await;
-    assert_eq!(a_stats.fabric.as_ref().expect("fabric").served_pages, 8);
+    let a_fabric = a_stats.fabric.as_ref().expect("fabric");
+    assert_eq!(a_fabric.served_pages, 8);
+    let sent_to_c: Vec<(&str, u64)> = a_fabric
+        .peers
+        .iter()
+        .map(|p| (p.node_id.as_str(), p.bytes_sent))
+        .collect();
+    assert_eq!(sent_to_c, [("b", 0), ("c", fabric.fetched_bytes)]);
     assert_no_pages_held(&a_stats, "a");
+}
+
+/// Every live peer's digest carries a stamp this node read, restamped every gossip round, so
+/// its age stays within the failure-detection window while the peer lives.
+fn assert_digests_fresh(stats: &NodeStats, node: &str) {
+    let fabric = stats.fabric.as_ref().expect("fabric stats");
+    for peer in &fabric.peers {
+        let age = peer.digest_age_s.unwrap_or(f64::INFINITY);
+        assert!(
+            age < FAILURE_TIMEOUT.as_secs_f64(),
+            "node {node}: digest of {} is {age} s old",
+            peer.node_id
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,13 +5,14 @@
 //! - chitchat's server (UDP gossip, failure detection);
 //! - the publisher, which owns the [`LocalDigest`]: key updates arrive on a channel (so the
 //!   pool never waits for gossip) and dirty shards are written to chitchat once per gossip
-//!   interval, or at once on [`Cluster::flush`];
+//!   interval, or at once on [`Cluster::flush`], with a stamp saying when the digest was last
+//!   current (readers report their copy's age from it);
 //! - the view builder, which turns chitchat's live-node snapshots into [`Member`]s (reusing
 //!   unchanged shards), publishes the view for lock-free readers and emits [`MemberChange`]s.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use chitchat::transport::UdpTransport;
 use chitchat::{spawn_chitchat, Chitchat, ChitchatHandle, ChitchatId, NodeState};
@@ -75,10 +76,7 @@ impl Cluster {
         link_addr: std::net::SocketAddr,
     ) -> Result<Cluster, FabricError> {
         let shape = options.digest_shape();
-        let generation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let generation = member::unix_millis(SystemTime::now());
         let me = Arc::new(Member {
             node_id: NodeId::from(options.node_id.as_str()),
             generation,
@@ -88,6 +86,7 @@ impl Cluster {
             capacity_bytes: options.capacity_bytes,
             load: 0.0,
             digest: Arc::new(RemoteDigest::new(shape)),
+            digest_stamp_ms: None,
         });
         let config = options.chitchat_config(generation);
         let self_id = config.chitchat_id.clone();
@@ -273,9 +272,6 @@ async fn publish(
     load: Option<f32>,
 ) {
     let dirty = digest.take_dirty();
-    if dirty.is_empty() && load.is_none() {
-        return;
-    }
     let mut chitchat = chitchat.lock().await;
     let state = chitchat.self_node_state();
     for (shard, text) in &dirty {
@@ -285,6 +281,9 @@ async fn publish(
         let (key, value) = member::load_entry(load);
         state.set(key, value);
     }
+    // Stamped even when nothing changed: readers measure their copy's age from it.
+    let (key, value) = member::digest_stamp_entry(SystemTime::now());
+    state.set(key, value);
     tracing::trace!(
         shards = dirty.len(),
         keys = digest.len(),
@@ -341,7 +340,11 @@ fn build_view(
         let old = previous.members.get(&node).map(Arc::as_ref);
         match Member::update_from(&id.node_id, id.generation_id, state, old) {
             Some(m) => {
-                let reuse = old.filter(|o| o.same_advert(&m) && Arc::ptr_eq(&o.digest, &m.digest));
+                let reuse = old.filter(|o| {
+                    o.same_advert(&m)
+                        && Arc::ptr_eq(&o.digest, &m.digest)
+                        && o.digest_stamp_ms == m.digest_stamp_ms
+                });
                 let member = match (reuse, previous.members.get(&node)) {
                     (Some(_), Some(old_arc)) => Arc::clone(old_arc),
                     _ => Arc::new(m),

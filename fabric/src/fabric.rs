@@ -42,6 +42,8 @@ pub struct FetchReport {
     pub false_positives: u32,
     /// Candidates that failed (dead, refused, corrupt page, deadline), in the order tried.
     pub failures: Vec<(NodeId, LinkError)>,
+    /// Pages each holder delivered, in the order asked (for per-peer traffic accounting).
+    pub delivered_by: Vec<(NodeId, usize)>,
 }
 
 impl Fabric {
@@ -170,6 +172,9 @@ impl Fabric {
             let (back, pages, error) = land_all(fetch, first, &mut landed).await;
             sink = back;
             report.delivered += pages;
+            if pages > 0 {
+                report.delivered_by.push((node.clone(), pages));
+            }
             if pages == 0 && error.is_none() {
                 report.false_positives += 1;
                 tracing::debug!(peer = %node, "digest false positive; trying the next holder");

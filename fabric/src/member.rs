@@ -1,13 +1,14 @@
 //! What a node advertises, and the only place that knows the gossip key names.
 //!
 //! A node's gossip state is a handful of small keys (link address, zone, host, capacity, load,
-//! digest shape) plus one key per digest shard. [`Member::update_from`] turns a chitchat node
+//! digest shape, the digest's publication stamp) plus one key per digest shard. [`Member::update_from`] turns a chitchat node
 //! state into a [`Member`], reusing the decoded shards whose gossip version did not change, so
 //! a peer saving one block costs its readers one shard decode, not the whole digest.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chitchat::NodeState;
 
@@ -19,6 +20,7 @@ const KEY_HOST: &str = "host";
 const KEY_CAPACITY: &str = "capacity";
 const KEY_LOAD: &str = "load";
 const KEY_DIGEST: &str = "digest";
+const KEY_DIGEST_AT: &str = "digest_at";
 const SHARD_PREFIX: &str = "digest:";
 
 /// Gossip key of digest shard `index`.
@@ -42,6 +44,18 @@ pub(crate) fn initial_keys(me: &Member) -> Vec<(String, String)> {
 /// does not create gossip versions.
 pub(crate) fn load_entry(load: f32) -> (&'static str, String) {
     (KEY_LOAD, load_text(load))
+}
+
+/// Gossip key and value stamping the digest as current at `now` (milliseconds since the Unix
+/// epoch), written on every publication tick so readers can tell how old their copy is.
+pub(crate) fn digest_stamp_entry(now: SystemTime) -> (&'static str, String) {
+    (KEY_DIGEST_AT, unix_millis(now).to_string())
+}
+
+/// Milliseconds since the Unix epoch (zero for a clock set before it).
+pub(crate) fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
 
 fn load_text(load: f32) -> String {
@@ -90,6 +104,9 @@ pub struct Member {
     pub load: f32,
     /// The keys it may hold.
     pub digest: Arc<RemoteDigest>,
+    /// When, by its own clock (ms since the Unix epoch), it last stamped its digest current;
+    /// `None` until its first publication tick reaches this node.
+    pub digest_stamp_ms: Option<u64>,
 }
 
 impl Member {
@@ -151,7 +168,18 @@ impl Member {
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(0.0),
             digest,
+            digest_stamp_ms: state.get(KEY_DIGEST_AT).and_then(|at| at.parse().ok()),
         })
+    }
+
+    /// How old this node's copy of the member's digest is at `now`: the time since the member
+    /// last stamped it current, by the two hosts' clocks (skew between them adds in; a copy
+    /// stamped in this host's future reads as zero).
+    pub fn digest_age(&self, now: SystemTime) -> Option<Duration> {
+        let stamp = self.digest_stamp_ms?;
+        Some(Duration::from_millis(
+            unix_millis(now).saturating_sub(stamp),
+        ))
     }
 
     /// Whether anything but the digest differs (what subscribers of changes care about).

@@ -123,6 +123,7 @@ mod tests {
             capacity_bytes: 0,
             load,
             digest: Arc::new(digest),
+            digest_stamp_ms: None,
         })
     }
 

@@ -34,6 +34,11 @@ pub trait PageSource: Send + Sync + 'static {
         &self,
         keys: &[BlockKey],
     ) -> impl Future<Output = Result<Self::Lease, SourceError>> + Send;
+
+    /// Called once `pages` pages (`bytes` in all) of one lease are written to the socket of
+    /// `peer` (its node id), so the node can count what it served to whom. Pages of a fetch
+    /// whose connection broke midway are not reported.
+    fn served(&self, _peer: &str, _pages: usize, _bytes: u64) {}
 }
 
 /// An in-memory [`PageSource`] for tests, the simulation and the benchmark.

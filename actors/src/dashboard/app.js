@@ -201,8 +201,10 @@ function renderFabric(fabric) {
   document.getElementById("fabric-self").textContent = "this node: " + fabric.node_id;
   rows("peer-rows", fabric.peers.map((p) => `<tr data-peer="${p.node_id}"><td>${p.node_id}</td><td>${p.link_addr}</td>` +
     `<td>${p.zone || "-"}</td><td>${p.host}</td><td>${(p.load * 100).toFixed(0)} %</td>` +
-    `<td>${p.rtt_ms == null ? "not measured" : p.rtt_ms.toFixed(2) + " ms"}</td></tr>`).join("") ||
-    `<tr><td colspan="6" class="muted">no live peers</td></tr>`);
+    `<td>${p.rtt_ms == null ? "not measured" : p.rtt_ms.toFixed(2) + " ms"}</td>` +
+    `<td>${p.digest_age_s == null ? "no stamp yet" : p.digest_age_s.toFixed(1) + " s"}</td>` +
+    `<td>${fmt.bytes(p.bytes_received)}</td><td>${fmt.bytes(p.bytes_sent)}</td></tr>`).join("") ||
+    `<tr><td colspan="9" class="muted">no live peers</td></tr>`);
 }
 
 async function poll() {

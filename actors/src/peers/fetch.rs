@@ -95,6 +95,10 @@ impl Peers {
             failures: report.failures.len() as u32,
         };
         self.metrics.fetch_done(&summary, took);
+        for (peer, pages) in &report.delivered_by {
+            self.metrics
+                .received_from(&peer.to_string(), *pages as u64 * page_bytes);
+        }
         self.publish_rtts();
         Ok(summary)
     }

@@ -1,7 +1,11 @@
 //! `pegaflow_fabric_*`: what the fabric does for this node, registered in the node's registry
 //! next to every other metric (docs/metrics.md).
 
-use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+use std::time::Duration;
+
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 use super::FetchSummary;
 use crate::metrics::TRANSFER_BUCKETS;
@@ -17,7 +21,16 @@ pub struct FabricMetrics {
     pub served_pages_total: IntCounter,
     /// By `peer`: the smoothed link round trip this node measured.
     pub peer_rtt_seconds: GaugeVec,
+    /// By `peer` and `direction` (`received`, `sent`): page bytes moved over the links.
+    pub peer_bytes_total: IntCounterVec,
+    /// By `peer`: how old this node's copy of the peer's digest is.
+    pub peer_digest_age_seconds: GaugeVec,
 }
+
+/// `direction` label of bytes this node fetched from a peer.
+const RECEIVED: &str = "received";
+/// `direction` label of bytes this node served to a peer.
+const SENT: &str = "sent";
 
 impl FabricMetrics {
     /// Creates and registers the series in `registry`.
@@ -45,6 +58,22 @@ impl FabricMetrics {
             &["peer"],
         )?;
         registry.register(Box::new(peer_rtt_seconds.clone()))?;
+        let peer_bytes_total = IntCounterVec::new(
+            Opts::new(
+                "pegaflow_fabric_peer_bytes_total",
+                "Page bytes fetched from (received) or served to (sent) each peer",
+            ),
+            &["peer", "direction"],
+        )?;
+        registry.register(Box::new(peer_bytes_total.clone()))?;
+        let peer_digest_age_seconds = GaugeVec::new(
+            Opts::new(
+                "pegaflow_fabric_peer_digest_age_seconds",
+                "Age of this node's copy of each live peer's digest, from the peer's last stamp",
+            ),
+            &["peer"],
+        )?;
+        registry.register(Box::new(peer_digest_age_seconds.clone()))?;
         Ok(Self {
             peers,
             fetch_pages_total: counter(
@@ -61,11 +90,10 @@ impl FabricMetrics {
                 "Peer fetches that failed (unreachable, refused, corrupt page, deadline)",
             )?,
             fetch_duration_seconds,
-            served_pages_total: counter(
-                "served_pages_total",
-                "Blocks this node pinned to send to peers",
-            )?,
+            served_pages_total: counter("served_pages_total", "Blocks this node sent to peers")?,
             peer_rtt_seconds,
+            peer_bytes_total,
+            peer_digest_age_seconds,
         })
     }
 
@@ -81,8 +109,47 @@ impl FabricMetrics {
     }
 
     /// Sets `peer`'s round-trip gauge.
-    pub fn peer_rtt(&self, peer: &str, rtt: std::time::Duration) {
+    pub fn peer_rtt(&self, peer: &str, rtt: Duration) {
         let gauge: Gauge = self.peer_rtt_seconds.with_label_values(&[peer]);
         gauge.set(rtt.as_secs_f64());
+    }
+
+    /// Counts `bytes` fetched from `peer`.
+    pub fn received_from(&self, peer: &str, bytes: u64) {
+        self.peer_bytes_total
+            .with_label_values(&[peer, RECEIVED])
+            .inc_by(bytes);
+    }
+
+    /// Counts `pages` pages (`bytes` in all) served to `peer`.
+    pub fn sent_to(&self, peer: &str, pages: usize, bytes: u64) {
+        self.served_pages_total.inc_by(pages as u64);
+        self.peer_bytes_total
+            .with_label_values(&[peer, SENT])
+            .inc_by(bytes);
+    }
+
+    /// Bytes received from and sent to `peer` so far.
+    pub fn bytes_with(&self, peer: &str) -> (u64, u64) {
+        let count = |direction| {
+            self.peer_bytes_total
+                .with_label_values(&[peer, direction])
+                .get()
+        };
+        (count(RECEIVED), count(SENT))
+    }
+
+    /// Sets `peer`'s digest-age gauge.
+    pub fn peer_digest_age(&self, peer: &str, age: Duration) {
+        let gauge: Gauge = self.peer_digest_age_seconds.with_label_values(&[peer]);
+        gauge.set(age.as_secs_f64());
+    }
+
+    /// Drops the gauges of a peer that left (its counters stay: a peer that comes back under
+    /// the same name continues them).
+    pub fn forget_peer(&self, peer: &str) {
+        // Absent series (never measured) are fine to skip.
+        let _ = self.peer_rtt_seconds.remove_label_values(&[peer]);
+        let _ = self.peer_digest_age_seconds.remove_label_values(&[peer]);
     }
 }

@@ -8,8 +8,9 @@ mod source;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use pegaflow_config::FabricConfig;
 use pegaflow_fabric::{Fabric, FabricError, FabricOptions, Member};
@@ -37,6 +38,8 @@ pub struct Peers {
     pool: ActorRef<PoolMsg>,
     arena: Arc<Arena>,
     fetch_timeout: Duration,
+    /// How often the per-peer gauges (digest age) are refreshed: once per gossip round.
+    gauge_period: Duration,
     metrics: Arc<FabricMetrics>,
 }
 
@@ -63,6 +66,12 @@ pub struct PeerView {
     pub load: f32,
     /// Smoothed link round trip, once a fetch or ping measured one.
     pub rtt_ms: Option<f64>,
+    /// Age of this node's copy of the peer's digest, once the peer's first stamp arrived.
+    pub digest_age_s: Option<f64>,
+    /// Page bytes fetched from the peer.
+    pub bytes_received: u64,
+    /// Page bytes served to the peer.
+    pub bytes_sent: u64,
 }
 
 impl Peers {
@@ -85,9 +94,10 @@ impl Peers {
             pool: pool.clone(),
             arena,
             fetch_timeout: Duration::from_millis(config.fetch_timeout_ms),
+            gauge_period: Duration::from_millis(config.gossip_interval_ms.max(1)),
             metrics,
         });
-        tokio::spawn(count_peers(Arc::downgrade(&peers)));
+        tokio::spawn(watch_peers(Arc::downgrade(&peers)));
         let feed = Box::new(DigestFeed(peers.clone()));
         if pool.cast(PoolMsg::AttachFeed { feed }).is_err() {
             tracing::warn!("pool stopped before the fabric started; nothing will be advertised");
@@ -137,10 +147,15 @@ impl Peers {
     /// Live peers, by name for a stable display.
     pub fn view(&self) -> Vec<PeerView> {
         let cluster = self.fabric.cluster();
+        let now = SystemTime::now();
         let mut peers: Vec<PeerView> = cluster
             .members()
             .iter()
-            .map(|member| peer_view(member, cluster.peer_stats(&member.node_id).rtt))
+            .map(|member| {
+                let rtt = cluster.peer_stats(&member.node_id).rtt;
+                let bytes = self.metrics.bytes_with(&member.node_id.to_string());
+                peer_view(member, rtt, member.digest_age(now), bytes)
+            })
             .collect();
         peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         peers
@@ -157,6 +172,26 @@ impl Peers {
         }
     }
 
+    /// Sets the live-peer count and digest ages; drops the gauges of peers in `known` that
+    /// left. Returns the live peers' names.
+    fn refresh_gauges(&self, known: BTreeSet<String>) -> BTreeSet<String> {
+        let members = self.fabric.cluster().members();
+        self.metrics.peers.set(members.len() as i64);
+        let now = SystemTime::now();
+        let mut live = BTreeSet::new();
+        for member in &members {
+            let name = member.node_id.to_string();
+            if let Some(age) = member.digest_age(now) {
+                self.metrics.peer_digest_age(&name, age);
+            }
+            live.insert(name);
+        }
+        for gone in known.difference(&live) {
+            self.metrics.forget_peer(gone);
+        }
+        live
+    }
+
     /// Publishes pending digest changes now (tests; shutdown).
     pub async fn flush(&self) {
         self.fabric.cluster().flush().await;
@@ -168,23 +203,36 @@ impl Peers {
     }
 }
 
-/// Keeps `pegaflow_fabric_peers` equal to the live membership until the node stops.
-async fn count_peers(peers: Weak<Peers>) {
-    let Some(mut changes) = peers.upgrade().map(|p| p.fabric.cluster().subscribe()) else {
+/// Keeps the membership gauges true until the node stops: `pegaflow_fabric_peers` on every
+/// change, each live peer's digest age once per gossip round, and a departed peer's gauges
+/// dropped.
+async fn watch_peers(peers: Weak<Peers>) {
+    let Some((mut changes, period)) = peers
+        .upgrade()
+        .map(|p| (p.fabric.cluster().subscribe(), p.gauge_period))
+    else {
         return;
     };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known = BTreeSet::new();
     loop {
         let Some(peers) = peers.upgrade() else { return };
-        let live = peers.fabric.cluster().members().len();
-        peers.metrics.peers.set(live as i64);
+        known = peers.refresh_gauges(known);
         drop(peers);
-        if changes.next().await.is_none() {
-            return;
+        tokio::select! {
+            change = changes.next() => if change.is_none() { return },
+            _ = tick.tick() => {}
         }
     }
 }
 
-fn peer_view(member: &Member, rtt: Option<Duration>) -> PeerView {
+fn peer_view(
+    member: &Member,
+    rtt: Option<Duration>,
+    digest_age: Option<Duration>,
+    (bytes_received, bytes_sent): (u64, u64),
+) -> PeerView {
     PeerView {
         node_id: member.node_id.to_string(),
         link_addr: member.link_addr.to_string(),
@@ -192,6 +240,9 @@ fn peer_view(member: &Member, rtt: Option<Duration>) -> PeerView {
         host: member.host.clone(),
         load: member.load,
         rtt_ms: rtt.map(|d| d.as_secs_f64() * 1e3),
+        digest_age_s: digest_age.map(|d| d.as_secs_f64()),
+        bytes_received,
+        bytes_sent,
     }
 }
 

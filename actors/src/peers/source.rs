@@ -67,11 +67,14 @@ impl PageSource for PoolPageSource {
             .map(|page| (page.extent.offset, page.bytes, page.crc32c))
             .take_while(|&(offset, len, _)| self.arena.read(offset, len).is_ok())
             .collect::<Vec<_>>();
-        self.metrics.served_pages_total.inc_by(pages.len() as u64);
         Ok(PeerLease {
             pages,
             arena: self.arena.clone(),
             _pin: pin,
         })
+    }
+
+    fn served(&self, peer: &str, pages: usize, bytes: u64) {
+        self.metrics.sent_to(peer, pages, bytes);
     }
 }

@@ -131,7 +131,7 @@ async fn serve<S: PageSource>(
         };
         let result = match message {
             Message::Fetch { request, keys } => {
-                send_pages(&mut writer, &*source, request, &keys, max).await
+                send_pages(&mut writer, &*source, &node, request, &keys, max).await
             }
             Message::Ping { nonce } => {
                 write_frame(&mut writer, &Message::Pong { nonce }, &[], max).await
@@ -148,10 +148,11 @@ async fn serve<S: PageSource>(
     }
 }
 
-/// Leases the held prefix of `keys` and writes one page frame each, then `Done`.
+/// Leases the held prefix of `keys` and writes one page frame each to `peer`, then `Done`.
 async fn send_pages<S: PageSource, W: tokio::io::AsyncWrite + Unpin>(
     writer: &mut W,
     source: &S,
+    peer: &str,
     request: u64,
     keys: &[crate::BlockKey],
     max: u32,
@@ -167,6 +168,7 @@ async fn send_pages<S: PageSource, W: tokio::io::AsyncWrite + Unpin>(
         }
     };
     let served = lease.count().min(keys.len());
+    let mut served_bytes = 0u64;
     for index in 0..served {
         let (bytes, crc32c) = lease.page(index);
         let header = Message::Page {
@@ -175,9 +177,11 @@ async fn send_pages<S: PageSource, W: tokio::io::AsyncWrite + Unpin>(
             crc32c,
         };
         write_frame(writer, &header, bytes, max).await?;
+        served_bytes += bytes.len() as u64;
     }
     // Pages are on their way (in socket buffers): release the pins before the round trip ends.
     drop(lease);
+    source.served(peer, served, served_bytes);
     write_frame(
         writer,
         &Message::Done {
