@@ -1,6 +1,7 @@
 //! HTTP for operators: `/healthz`, `/metrics` (Prometheus text), `/api/stats` (JSON) and
-//! `/dashboard`, a self-contained page (no CDN, no build step) that polls `/api/stats`; and
-//! `POST /api/lookup` for the P/D router ([`crate::http_lookup`]).
+//! `/dashboard`, a self-contained page (no CDN, no build step) that polls `/api/stats`; and for
+//! the P/D router, `POST /api/lookup` ([`crate::http_lookup`]) and `POST /api/holders`
+//! ([`crate::http_holders`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,16 +11,18 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use pegaflow_config::NodeConfig;
 use tokio::task::JoinHandle;
 
 use crate::context::NodeContext;
 use crate::node::StartError;
 
-/// Binds `addr` and serves until the returned task is aborted.
+/// Binds `http.addr` and serves until the returned task is aborted.
 pub async fn serve(
-    addr: SocketAddr,
+    config: &NodeConfig,
     ctx: Arc<NodeContext>,
 ) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
+    let addr = config.http.addr;
     let http_error = |source| StartError::Http { addr, source };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -32,7 +35,8 @@ pub async fn serve(
         .route("/api/lookup", post(crate::http_lookup::lookup))
         .route("/dashboard", get(dashboard))
         .route("/", get(dashboard))
-        .with_state(ctx);
+        .with_state(ctx.clone())
+        .merge(crate::http_holders::routes(ctx, &config.fabric));
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "HTTP server stopped");

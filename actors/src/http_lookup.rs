@@ -6,7 +6,8 @@
 //! asks the pool the same [`PoolMsg::Lookup`] question as the socket's `lookup` op, with two
 //! differences: no lease (an HTTP request owns nothing that could release one), and no count in
 //! the lookup metrics (a router polling is not an engine looking a prompt up, and must not skew
-//! the hit ratio operators read).
+//! the hit ratio operators read). `/api/holders` ([`crate::http_holders`]) asks the pool through
+//! the same helpers.
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::context::{ask, NodeContext};
 use crate::keys::{BlockKey, KEY_BYTES};
 use crate::pool::PoolMsg;
+use crate::protocol::ProtoError;
 
 /// The request body: a chain of block keys, in order, each as hex.
 #[derive(Debug, Deserialize)]
@@ -41,44 +43,82 @@ pub struct LookupAnswer {
 pub async fn lookup(
     State(ctx): State<Arc<NodeContext>>,
     body: Result<Json<LookupBody>, JsonRejection>,
-) -> Response {
-    let keys = match body {
-        Ok(Json(body)) => match parse_hex_keys(&body.keys) {
-            Ok(keys) => keys,
-            Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
-        },
-        Err(rejection) => return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response(),
-    };
-    if let Err(error) = ctx.check_open() {
-        return (StatusCode::SERVICE_UNAVAILABLE, error.message).into_response();
+) -> Result<Json<LookupAnswer>, ApiError> {
+    let keys = parse_hex_keys(&json_body(body)?.keys).map_err(ApiError::bad_request)?;
+    let hits = pool_hits(&ctx, keys).await?;
+    Ok(Json(LookupAnswer { hits }))
+}
+
+/// An error answer of the HTTP API: its status and a message naming what was wrong.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// A 400: `message` names the field at fault.
+    pub fn bad_request(message: String) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message,
+        }
     }
+
+    /// A 503: the node drains, or its pool does not answer.
+    fn unavailable(error: ProtoError) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: error.message,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, self.message).into_response()
+    }
+}
+
+/// The body of a request, or a 400 quoting serde's message (which names the field at fault).
+pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(body)| body)
+        .map_err(|rejection| ApiError::bad_request(rejection.body_text()))
+}
+
+/// How many leading `keys` the pool holds (memory or SSD), asked as the socket's `lookup` op
+/// does but without a lease and without counting in the lookup metrics.
+pub(crate) async fn pool_hits(ctx: &NodeContext, keys: Vec<BlockKey>) -> Result<u32, ApiError> {
+    ctx.check_open().map_err(ApiError::unavailable)?;
     let outcome = ask(&ctx.pool, "pool", |reply| PoolMsg::Lookup {
         keys,
         lease_for: None,
         reply,
     })
-    .await;
-    match outcome {
-        Ok(outcome) => Json(LookupAnswer { hits: outcome.hits }).into_response(),
-        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, error.message).into_response(),
-    }
+    .await
+    .map_err(ApiError::unavailable)?;
+    Ok(outcome.hits)
 }
 
 /// Decodes every key, naming the first one that is not exactly 32 bytes of hex.
 fn parse_hex_keys(keys: &[String]) -> Result<Vec<BlockKey>, String> {
     keys.iter()
         .enumerate()
-        .map(|(index, text)| {
-            let mut key = [0u8; KEY_BYTES];
-            hex::decode_to_slice(text, &mut key).map_err(|error| {
-                format!(
-                    "field `keys[{index}]`: {error}; expected {} hex digits (one {KEY_BYTES}-byte key)",
-                    2 * KEY_BYTES
-                )
-            })?;
-            Ok(key)
-        })
+        .map(|(index, text)| parse_hex_key(&format!("keys[{index}]"), text))
         .collect()
+}
+
+/// Decodes one key (or namespace digest) from hex, naming `field` when it is not exactly
+/// 32 bytes of hex.
+pub(crate) fn parse_hex_key(field: &str, text: &str) -> Result<BlockKey, String> {
+    let mut key = [0u8; KEY_BYTES];
+    hex::decode_to_slice(text, &mut key).map_err(|error| {
+        format!(
+            "field `{field}`: {error}; expected {} hex digits (one {KEY_BYTES}-byte key)",
+            2 * KEY_BYTES
+        )
+    })?;
+    Ok(key)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod client;
 pub mod context;
 pub mod dashboard;
 pub mod http;
+pub mod http_holders;
 pub mod http_lookup;
 pub mod keys;
 pub mod layout;

@@ -248,7 +248,7 @@ async fn start_serving(
         .await
         .map_err(|e| StartError::Spawn("node", e.to_string()))?;
     let accept = tokio::spawn(accept_loop(listener, supervisor.clone()));
-    let (http_addr, http) = crate::http::serve(config.http.addr, ctx.clone()).await?;
+    let (http_addr, http) = crate::http::serve(config, ctx.clone()).await?;
     tracing::info!(
         socket = %config.socket.path.display(),
         http = %http_addr,

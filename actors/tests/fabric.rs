@@ -1,20 +1,22 @@
 //! The fabric between real `pegaflow-node` processes on loopback: a block saved on one node is
 //! found and loaded byte-exact through another, a holder killed mid-fetch costs nothing but
-//! its pages, and a node with the wrong secret is refused.
+//! its pages, a node with the wrong secret is refused, and `/api/holders` names each node with
+//! the prefix of a prompt it holds.
 
 mod support;
 
-use std::net::{TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use pegaflow_actors::client::Client;
-use pegaflow_actors::keys::BlockKey;
+use pegaflow_actors::keys::{chain_keys, BlockKey};
 use pegaflow_actors::stats::NodeStats;
 use rand::RngCore;
-use support::ShmRegion;
+use serde_json::{json, Value};
+use support::{post, ShmRegion};
 
 const SECRET: &str = "fabric-test-secret";
 const GOSSIP_MS: u64 = 100;
@@ -27,6 +29,7 @@ struct FabricNode {
     child: Child,
     socket: PathBuf,
     listen: String,
+    http: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -47,9 +50,10 @@ impl FabricNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("node.sock");
         let listen = format!("127.0.0.1:{}", free_port());
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let seeds: Vec<String> = seeds.iter().map(|n| format!("\"{}\"", n.listen)).collect();
         let config = format!(
-            "[socket]\npath = \"{socket}\"\n[http]\naddr = \"127.0.0.1:0\"\n\
+            "[socket]\npath = \"{socket}\"\n[http]\naddr = \"{http}\"\n\
              [pool]\nsize = \"64MiB\"\n[dma]\nengine = \"host\"\n\
              [fabric]\nenabled = true\nnode_id = \"{name}\"\nlisten = \"{listen}\"\n\
              seeds = [{seeds}]\nzone = \"{zone}\"\nsecret = \"{secret}\"\ngossip_interval_ms = {GOSSIP_MS}\n\
@@ -75,6 +79,7 @@ impl FabricNode {
             child,
             socket,
             listen,
+            http,
             log,
             _dir: dir,
         };
@@ -375,4 +380,34 @@ async fn a_node_with_the_wrong_secret_is_refused_and_stores_nothing() {
         log.contains("link handshake refused"),
         "a logs the refusal: {log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holders_names_this_node_and_each_peer_with_the_prefix_it_holds() {
+    let a = FabricNode::start("a", &[], SECRET);
+    let b = FabricNode::start("b", &[&a], SECRET);
+    let (mut client, engine, region) = engine(&a, "holders", 8).await;
+    let namespace = region.namespace.digest();
+    let tokens: Vec<u32> = (0..16 * 4 + 5).collect();
+    let keys = chain_keys(&namespace, &tokens, 16);
+    client
+        .save(engine, &keys[..3], &[0, 1, 2])
+        .await
+        .expect("save");
+    wait_remote_hits(&b, &keys[..3], 3, FAILURE_TIMEOUT).await;
+    let ask = json!({"namespace": hex::encode(namespace), "block_size": 16, "tokens": tokens})
+        .to_string();
+
+    for (node, expected) in [
+        (
+            &b,
+            json!([{"node": "b", "hits": 0}, {"node": "a", "hits": 3}]),
+        ),
+        (&a, json!([{"node": "a", "hits": 3}])),
+    ] {
+        let (status, body) = post(node.http, "/api/holders", &ask).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(answer["holders"], expected, "asked {}", node.name);
+    }
 }

@@ -2,39 +2,9 @@
 
 mod support;
 
-use std::net::SocketAddr;
-
 use pegaflow_actors::client::Client;
 use pegaflow_actors::keys::chain_keys;
-use support::{node, ShmRegion};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-/// One HTTP/1.1 POST on a fresh connection; returns the status code and the body.
-async fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("write request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("read response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("status code");
-    (status, body.to_string())
-}
+use support::{node, post, ShmRegion};
 
 fn keys_json(keys: &[[u8; 32]]) -> String {
     let hex: Vec<String> = keys.iter().map(hex::encode).collect();

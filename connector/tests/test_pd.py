@@ -175,18 +175,30 @@ class Server:
 
 
 class Router:
-    """The pegaflow-router binary in front of the given engines."""
+    """The pegaflow-router binary in front of the given engines; `nodes` names the node id of
+    prefill engines (by server name) for the prefix-aware choice."""
 
-    def __init__(self, workdir: Path, prefill: list[Server], decode: list[Server], node: Any):
+    def __init__(
+        self,
+        workdir: Path,
+        prefill: list[Server],
+        decode: list[Server],
+        node: Any,
+        nodes: dict[str, str] | None = None,
+    ) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = workdir / f"router-{len(list(workdir.glob('router-*')))}.log"
         command = [str(ROUTER_BIN), "--listen", self.url.removeprefix("http://"),
                    "--node-http", f"http://127.0.0.1:{node.http_port}",
                    "--request-timeout-s", str(REQUEST_TIMEOUT_S),
-                   "--handoff-timeout-s", "10"]  # fmt: skip
-        for flag, servers in (("--prefill", prefill), ("--decode", decode)):
-            for server in servers:
-                command += [flag, server.url]
+                   "--handoff-timeout-s", "10",
+                   "--prefix-timeout-s", "10"]  # fmt: skip
+        nodes = nodes or {}
+        for server in prefill:
+            named = f"{nodes[server.name]}={server.url}" if server.name in nodes else server.url
+            command += ["--prefill", named]
+        for server in decode:
+            command += ["--decode", server.url]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log)
         wait_for(self.ready, 10, f"pegaflow-router at {self.url}")
@@ -257,7 +269,11 @@ def test_prefill_request_reports_the_keys_of_its_stored_prompt_blocks() -> None:
     assert reply is not None
     digests = [shape.namespace("tiny", rank, 2, 0).digest() for rank in range(2)]
     assert reply[HANDOFF]["ranks"] == [
-        {"namespace": d.hex(), "keys": [k.hex() for k in chain_keys(d, prompt[:96], BLOCK)]}
+        {
+            "namespace": d.hex(),
+            "block_size": BLOCK,
+            "keys": [k.hex() for k in chain_keys(d, prompt[:96], BLOCK)],
+        }
         for d in digests
     ]
     capped = finish({HANDOFF: True}, saved_blocks=5)  # blocks of generated tokens: not prompt
@@ -318,13 +334,23 @@ def baseline(servers: dict[str, Server]) -> dict[str, list[int]]:
 def start_router(workdir: Path, node: NodeProcess) -> Iterator[Callable[..., Router]]:
     routers: list[Router] = []
 
-    def start(prefill: list[Server], decode: list[Server]) -> Router:
-        routers.append(Router(workdir, prefill, decode, node))
+    def start(
+        prefill: list[Server], decode: list[Server], nodes: dict[str, str] | None = None
+    ) -> Router:
+        routers.append(Router(workdir, prefill, decode, node, nodes))
         return routers[-1]
 
     yield start
     for router in routers:
         router.close()
+
+
+def node_name(node: NodeProcess) -> str:
+    """The name the node answers `/api/holders` under (it comes first in every answer)."""
+    ask = {"namespace": "00" * 32, "block_size": BLOCK, "tokens": []}
+    status, _, body = post(f"http://127.0.0.1:{node.http_port}/api/holders", ask)
+    assert status == 200, body
+    return json.loads(body)["holders"][0]["node"]
 
 
 def test_decode_loads_the_prefilled_prompt_and_matches_a_single_engine(
@@ -333,8 +359,12 @@ def test_decode_loads_the_prefilled_prompt_and_matches_a_single_engine(
     baseline: dict[str, list[int]],
     start_router: Callable[..., Router],
 ) -> None:
+    """Also the prefix-aware choice: `plain` is a second prefill engine on no node, so once a
+    handoff taught the router the namespace, a prompt prefilled before goes to `prefill`
+    because its node holds every whole block of it. (The prompts are token ids, which the
+    router reads from the body: these engines have no tokenizer for `/tokenize`.)"""
     prefill, decode = servers["prefill"], servers["decode"]
-    router = start_router([prefill], [decode])
+    router = start_router([prefill, servers["plain"]], [decode], {"prefill": node_name(node)})
     before = node.stats()["totals"]
 
     status, headers, body = router.complete(HANDED_OFF)
@@ -358,6 +388,19 @@ def test_decode_loads_the_prefilled_prompt_and_matches_a_single_engine(
     loaded = node.stats()["totals"]["loaded_blocks"] - after["loaded_blocks"]
     assert loaded == hit_blocks(STREAMED)
     assert router.metric("pegaflow_router_handoff_seconds_count") == 2
+
+    again = {"prompt": HANDED_OFF, "max_tokens": 1, "temperature": 0.0}
+    status, headers, body = post(f"{router.url}/v1/completions", again)
+
+    assert status == 200, f"{body!r}\n{router.log()}"
+    assert headers["x-pegaflow-prefill"] == prefill.url
+
+    def choices(outcome: str) -> float:
+        return router.metric(f'pegaflow_router_prefix_choices_total{{outcome="{outcome}"}}')
+
+    # HANDED_OFF: no handoff seen yet; STREAMED: held nowhere; HANDED_OFF again: held whole.
+    assert [choices(o) for o in ("unknown", "load", "prefix", "failed")] == [1, 1, 1, 0]
+    assert router.metric("pegaflow_router_prefix_cached_blocks_sum") == len(HANDED_OFF) // BLOCK
 
 
 def test_decode_killed_mid_request_is_retried_on_another_engine(

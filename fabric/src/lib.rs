@@ -42,7 +42,7 @@ pub use link::client::{
 pub use link::server::LinkServer;
 pub use link::sink::PageSink;
 pub use member::{Member, NodeId};
-pub use options::FabricOptions;
+pub use options::{local_host_name, FabricOptions};
 pub use ranking::{rank_candidates, Candidate, PeerStats};
 pub use source::{MemoryLease, MemorySource, PageLease, PageSource};
 

@@ -136,8 +136,9 @@ impl FabricOptions {
     }
 }
 
-/// The kernel's host name, or `unknown-host` when it cannot be read.
-fn local_host_name() -> String {
+/// The kernel's host name, or `unknown-host` when it cannot be read: the prefix of a generated
+/// node id, and the name a node without the fabric goes by.
+pub fn local_host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()

@@ -12,16 +12,19 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "pegaflow-router", version, about, long_about = None)]
 pub struct Args {
-    /// A prefill engine: base URL of an OpenAI-compatible vLLM server running PegaKVConnector.
-    /// Repeat (or separate with commas) for more; earlier ones win ties.
+    /// A prefill engine: base URL of an OpenAI-compatible vLLM server running PegaKVConnector,
+    /// as `URL` or `NODE=URL`, where NODE is the fabric node id of the pegaflow-node on the
+    /// engine's host (prefix-aware choice needs it). Repeat (or separate with commas) for
+    /// more; earlier ones win ties.
     #[arg(long = "prefill", env = "PEGAFLOW_ROUTER_PREFILL", value_delimiter = ',',
-          required = true, value_parser = BaseUrl::parse)]
-    pub prefill: Vec<BaseUrl>,
+          required = true, value_parser = Engine::parse)]
+    pub prefill: Vec<Engine>,
 
-    /// A decode engine, as `--prefill`. An engine may be in both lists.
+    /// A decode engine's base URL, as `--prefill` but without a node. An engine may be in both
+    /// lists.
     #[arg(long = "decode", env = "PEGAFLOW_ROUTER_DECODE", value_delimiter = ',',
-          required = true, value_parser = BaseUrl::parse)]
-    pub decode: Vec<BaseUrl>,
+          required = true, value_parser = Engine::parse_url)]
+    pub decode: Vec<Engine>,
 
     /// Address the router serves on.
     #[arg(long, env = "PEGAFLOW_ROUTER_LISTEN", default_value = "127.0.0.1:8000")]
@@ -41,6 +44,17 @@ pub struct Args {
     #[arg(long, env = "PEGAFLOW_ROUTER_PREFILL_TIMEOUT_S", default_value = "30",
           value_parser = seconds)]
     pub prefill_timeout_s: Duration,
+
+    /// The budget of the prefix-aware choice of a prefill engine (tokenizing the prompt and
+    /// asking the node who holds it), within the prefill timeout; past it the choice is by load.
+    #[arg(long, env = "PEGAFLOW_ROUTER_PREFIX_TIMEOUT_S", default_value = "0.1",
+          value_parser = seconds)]
+    pub prefix_timeout_s: Duration,
+
+    /// A prefill engine whose node holds a longer prefix of the prompt wins only while it has at
+    /// most this many more requests in flight than the least loaded prefill engine.
+    #[arg(long, env = "PEGAFLOW_ROUTER_PREFIX_LOAD_GAP", default_value_t = 4)]
+    pub prefix_load_gap: usize,
 
     /// How long to wait for the node to hold a prefill's blocks before decoding without them.
     #[arg(long, env = "PEGAFLOW_ROUTER_HANDOFF_TIMEOUT_S", default_value = "5",
@@ -64,6 +78,53 @@ pub struct Args {
     /// Log filter, as `RUST_LOG` (e.g. `info`, `pegaflow_router=debug`).
     #[arg(long, env = "PEGAFLOW_ROUTER_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+/// A backend as its flag names it: the engine's URL and, for a prefill engine, the fabric node
+/// id of the pegaflow-node on its host, which tells the router whose blocks it reuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Engine {
+    /// Base URL of the engine's OpenAI-compatible server.
+    pub url: BaseUrl,
+    /// The node id given as `NODE=URL`; None for a bare URL.
+    pub node: Option<String>,
+}
+
+impl Engine {
+    /// Parses `URL` or `NODE=URL`; a `=` after the URL's `://` belongs to the URL.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.split_once('=') {
+            Some((node, url)) if !node.contains("://") => {
+                if node.is_empty() || node.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "`{text}`: the node id before `=` must be non-empty, without spaces"
+                    ));
+                }
+                Ok(Self {
+                    url: BaseUrl::parse(url)?,
+                    node: Some(node.to_owned()),
+                })
+            }
+            _ => Self::parse_url(text),
+        }
+    }
+
+    /// Parses a bare URL, for backends whose node the router does not use.
+    pub fn parse_url(text: &str) -> Result<Self, String> {
+        Ok(Self {
+            url: BaseUrl::parse(text)?,
+            node: None,
+        })
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.node {
+            Some(node) => write!(f, "{node}={}", self.url),
+            None => write!(f, "{}", self.url),
+        }
+    }
 }
 
 /// A checked `http://host:port[/prefix]` base URL; request paths are appended to it.
@@ -150,6 +211,7 @@ mod tests {
         assert_eq!(args.decode[0].to_string(), "http://127.0.0.1:8200");
         assert_eq!(
             args.decode[0]
+                .url
                 .join("/v1/completions")
                 .expect("uri")
                 .to_string(),
@@ -161,6 +223,40 @@ mod tests {
             prefixed.join("/v1/completions").expect("uri").to_string(),
             "http://host:1/engine/v1/completions"
         );
+    }
+
+    #[test]
+    fn a_prefill_engine_may_name_its_node() {
+        let args = parse(&["--prefill", "node-b=http://127.0.0.1:8101/v=1"]).expect("valid");
+        let named: Vec<(String, Option<&str>)> = args
+            .prefill
+            .iter()
+            .map(|engine| (engine.url.to_string(), engine.node.as_deref()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("http://127.0.0.1:8100".to_owned(), None),
+                ("http://127.0.0.1:8101/v=1".to_owned(), Some("node-b")),
+            ]
+        );
+        assert_eq!(
+            args.prefill[1].to_string(),
+            "node-b=http://127.0.0.1:8101/v=1"
+        );
+        assert_eq!(
+            Engine::parse("http://h:1/a=b").expect("a URL").node,
+            None,
+            "a `=` after the scheme is the URL's"
+        );
+        for bad in ["=http://h:1", "a b=http://h:1", "n=h:1"] {
+            assert!(Engine::parse(bad).is_err(), "{bad}");
+        }
+        let error = parse(&["--decode", "node-d=http://127.0.0.1:8202"]).expect_err("no node");
+        assert!(error.to_string().contains("--decode"), "{error}");
+        let args = parse(&[]).expect("defaults");
+        assert_eq!(args.prefix_timeout_s, Duration::from_millis(100));
+        assert_eq!(args.prefix_load_gap, 4);
     }
 
     #[test]

@@ -32,8 +32,12 @@ pub struct Handoff {
 /// One rank's namespace and the keys of its blocks, as hex.
 #[derive(Debug, Deserialize)]
 pub struct RankKeys {
-    /// The namespace digest, named in logs when the node does not confirm.
+    /// The namespace digest, named in logs when the node does not confirm, and learned for the
+    /// prefix-aware choice ([`crate::prefix`]).
     pub namespace: String,
+    /// Tokens per block, learned with the namespace; absent from connectors before it was added.
+    #[serde(default)]
+    pub block_size: Option<u32>,
     /// The keys, in chain order.
     pub keys: Vec<String>,
 }
@@ -120,9 +124,16 @@ mod tests {
     #[test]
     fn the_handoff_is_read_from_the_answer() {
         let answer = json!({"choices": [], "kv_transfer_params": {HANDOFF_KEY: {
-            "ranks": [{"namespace": "ab", "keys": ["01", "02"]}]}}});
+            "ranks": [{"namespace": "ab", "block_size": 16, "keys": ["01", "02"]}]}}});
         let handoff = from_answer(&answer).expect("a handoff");
         assert_eq!(handoff.ranks[0].keys, ["01", "02"]);
+        assert_eq!(handoff.ranks[0].block_size, Some(16));
+        let older = json!({"kv_transfer_params": {HANDOFF_KEY: {
+            "ranks": [{"namespace": "ab", "keys": []}]}}});
+        assert_eq!(
+            from_answer(&older).expect("a handoff").ranks[0].block_size,
+            None
+        );
     }
 
     #[test]

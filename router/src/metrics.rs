@@ -8,11 +8,15 @@ use prometheus::{
 
 use crate::backend::Role;
 use crate::pd::{Endpoint, Fallback, Outcome};
+use crate::prefix::PrefixOutcome;
 
 /// Latency buckets from 1 ms (a handoff of blocks already saved) to 60 s (a long prefill).
 const BUCKETS: [f64; 15] = [
     1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+
+/// Block-count buckets, 0 (nothing cached) to 16384 (a 256K-token prompt of 16-token blocks).
+const BLOCK_BUCKETS: [f64; 9] = [0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0];
 
 /// Every metric the router exports, registered in one registry.
 pub struct Metrics {
@@ -31,6 +35,10 @@ pub struct Metrics {
     pub backend_in_flight: IntGaugeVec,
     /// By `role` and `backend`: attempts that failed (refused, reset, 5xx, timeout).
     pub backend_failures_total: IntCounterVec,
+    /// By `outcome` (see [`PrefixOutcome`]): prefix-aware choices of a prefill engine.
+    pub prefix_choices_total: IntCounterVec,
+    /// Blocks of the prompt the node of the prefill engine chosen by prefix or load holds.
+    pub prefix_cached_blocks: Histogram,
 }
 
 impl Metrics {
@@ -86,6 +94,20 @@ impl Metrics {
             ),
             &["role", "backend"],
         )?;
+        let prefix_choices_total = IntCounterVec::new(
+            Opts::new(
+                "pegaflow_router_prefix_choices_total",
+                "Prefix-aware choices of a prefill engine, by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let prefix_cached_blocks = Histogram::with_opts(
+            HistogramOpts::new(
+                "pegaflow_router_prefix_cached_blocks",
+                "Prompt blocks held by the node of the prefill engine chosen",
+            )
+            .buckets(BLOCK_BUCKETS.to_vec()),
+        )?;
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(prefill_seconds.clone()))?;
         registry.register(Box::new(handoff_seconds.clone()))?;
@@ -93,6 +115,8 @@ impl Metrics {
         registry.register(Box::new(retries_total.clone()))?;
         registry.register(Box::new(backend_in_flight.clone()))?;
         registry.register(Box::new(backend_failures_total.clone()))?;
+        registry.register(Box::new(prefix_choices_total.clone()))?;
+        registry.register(Box::new(prefix_cached_blocks.clone()))?;
         let metrics = Self {
             registry,
             requests_total,
@@ -102,6 +126,8 @@ impl Metrics {
             retries_total,
             backend_in_flight,
             backend_failures_total,
+            prefix_choices_total,
+            prefix_cached_blocks,
         };
         metrics.touch_known_series();
         Ok(metrics)
@@ -120,6 +146,10 @@ impl Metrics {
         }
         for role in [Role::Prefill, Role::Decode] {
             self.retries_total.with_label_values(&[role.label()]);
+        }
+        for outcome in PrefixOutcome::ALL {
+            self.prefix_choices_total
+                .with_label_values(&[outcome.label()]);
         }
     }
 

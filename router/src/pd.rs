@@ -1,6 +1,7 @@
 //! One client request through prefill, handoff and decode (docs/pd.md):
 //!
-//! 1. **Prefill** on the least loaded prefill engine, with `max_tokens` 1, not streamed, and
+//! 1. **Prefill** on the prefill engine whose node holds the longest prefix of the prompt
+//!    ([`crate::prefix`]), or else the least loaded one, with `max_tokens` 1, not streamed, and
 //!    `kv_transfer_params: {"pegaflow_handoff": true}`; a failure (refused, reset, 5xx,
 //!    timeout) is retried on another prefill engine.
 //! 2. **Handoff**: the answer names the keys of the prompt blocks the engine saved; the router
@@ -30,6 +31,7 @@ use crate::config::{Args, BaseUrl};
 use crate::error::RouterError;
 use crate::handoff::{self, HANDOFF_KEY};
 use crate::metrics::Metrics;
+use crate::prefix::PrefixChoice;
 use crate::stream::{self, RelayLimits};
 use crate::upstream::{read_body, status_error, Upstream, UpstreamError};
 
@@ -224,6 +226,9 @@ pub struct PdRouter {
     prefill: Backends,
     decode: Backends,
     node: BaseUrl,
+    /// None when there is no choice by prefix to make (one prefill engine, or none names its
+    /// node).
+    prefix: Option<PrefixChoice>,
     upstream: Upstream,
     metrics: Arc<Metrics>,
     request_timeout: Duration,
@@ -241,6 +246,7 @@ impl PdRouter {
             prefill: Backends::new(Role::Prefill, &args.prefill, args.cooldown_s, &metrics),
             decode: Backends::new(Role::Decode, &args.decode, args.cooldown_s, &metrics),
             node: args.node_http.clone(),
+            prefix: PrefixChoice::new(args),
             upstream: Upstream::default(),
             metrics,
             request_timeout: args.request_timeout_s,
@@ -334,12 +340,13 @@ impl PdRouter {
         Prefilled { prefill, handoff }
     }
 
-    /// The prefill engine's URL and JSON answer.
+    /// The prefill engine's URL and JSON answer; the engine chosen by prefix goes first.
     async fn prefill(
         &self,
         endpoint: Endpoint,
         request: &ClientRequest,
     ) -> Result<(String, Value), Fallback> {
+        let preferred = self.preferred_prefill(endpoint, request).await;
         let body = request.prefill_body();
         let attempt = |in_flight: InFlight| {
             let body = body.clone();
@@ -353,7 +360,7 @@ impl PdRouter {
                 Ok((url.to_string(), answer))
             }
         };
-        self.attempts(&self.prefill, attempt)
+        self.attempts(&self.prefill, preferred, attempt)
             .await
             .map_err(|exhausted| match exhausted {
                 Exhausted::Rejected(_) => Fallback::PrefillRejected,
@@ -361,12 +368,34 @@ impl PdRouter {
             })
     }
 
-    /// Waits for the node to hold the blocks the prefill answer names.
+    /// The prefill engine to try first, when the prefix-aware choice is on and could choose.
+    async fn preferred_prefill(
+        &self,
+        endpoint: Endpoint,
+        request: &ClientRequest,
+    ) -> Option<usize> {
+        let prefix = self.prefix.as_ref()?;
+        prefix
+            .choose(
+                &self.upstream,
+                &self.prefill,
+                endpoint,
+                &request.fields,
+                &self.metrics,
+            )
+            .await
+    }
+
+    /// Waits for the node to hold the blocks the prefill answer names (and learns from them
+    /// what the prefix-aware choice needs).
     async fn hand_off(&self, answer: &Value) -> Result<(), Fallback> {
         let handoff = handoff::from_answer(answer).map_err(|why| {
             tracing::info!(%why, "no handoff in the prefill answer");
             Fallback::NoParams
         })?;
+        if let Some(prefix) = &self.prefix {
+            prefix.learn(&handoff);
+        }
         let started = Instant::now();
         let until = started + self.handoff_timeout;
         handoff::confirm(&self.upstream, &self.node, &handoff, until).await?;
@@ -390,7 +419,7 @@ impl PdRouter {
                 .await?;
             Ok((decoded, url))
         };
-        self.attempts(&self.decode, attempt)
+        self.attempts(&self.decode, None, attempt)
             .await
             .map_err(|exhausted| RouterError::DecodeFailed(exhausted.to_string()))
     }
@@ -444,9 +473,15 @@ impl PdRouter {
         })
     }
 
-    /// Runs `attempt` on the least loaded untried backend of `backends`, up to `1 + retries`
-    /// times; a 4xx stops at once (another backend would refuse the same request).
-    async fn attempts<T, F, Fut>(&self, backends: &Backends, mut attempt: F) -> Result<T, Exhausted>
+    /// Runs `attempt` on `preferred` first when given, then on the least loaded untried backend
+    /// of `backends`, up to `1 + retries` times; a 4xx stops at once (another backend would
+    /// refuse the same request).
+    async fn attempts<T, F, Fut>(
+        &self,
+        backends: &Backends,
+        preferred: Option<usize>,
+        mut attempt: F,
+    ) -> Result<T, Exhausted>
     where
         F: FnMut(InFlight) -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>>,
@@ -455,7 +490,7 @@ impl PdRouter {
         let mut tried = Vec::new();
         let mut failures = Vec::new();
         while tried.len() <= self.retries {
-            let Some((index, in_flight)) = backends.choose(&tried) else {
+            let Some((index, in_flight)) = backends.choose(&tried, preferred) else {
                 break;
             };
             if !tried.is_empty() {

@@ -569,6 +569,8 @@ async fn healthz_and_every_metric_are_served() {
             "pegaflow_router_retries_total",
             "pegaflow_router_backend_in_flight",
             "pegaflow_router_backend_failures_total",
+            "pegaflow_router_prefix_choices_total",
+            "pegaflow_router_prefix_cached_blocks",
         ] {
             assert!(
                 page.contains(&format!("# TYPE {name} ")),

@@ -130,6 +130,23 @@ impl Peers {
         best.min(keys.len()) as u32
     }
 
+    /// Each peer whose digest claims a prefix of `keys`, by name, with the leading keys it
+    /// claims, nearest first: where the P/D router learns which host already holds a prompt
+    /// (`/api/holders`). A claim may be a false positive of the digest.
+    pub fn claimed_prefixes(&self, keys: &[BlockKey]) -> Vec<(String, u32)> {
+        self.fabric
+            .cluster()
+            .candidates(keys)
+            .iter()
+            .map(|c| {
+                (
+                    c.member.node_id.to_string(),
+                    c.claimed.min(keys.len()) as u32,
+                )
+            })
+            .collect()
+    }
+
     /// What `/api/stats` reports about the fabric.
     pub fn stats(&self) -> FabricStats {
         let m = &self.metrics;

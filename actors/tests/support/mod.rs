@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::fs::OpenOptions;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use memmap2::MmapMut;
@@ -12,6 +13,8 @@ use pegaflow_actors::node::{start, RunningNode};
 use pegaflow_actors::protocol::{RegionSpec, RegisterRequest};
 use pegaflow_config::{NodeConfig, Size};
 use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// A node on a fresh socket with a `pool_mib` MiB pool; its temp dir lives as long as it.
 pub async fn node(pool_mib: u64) -> (RunningNode, tempfile::TempDir) {
@@ -117,4 +120,31 @@ impl Drop for ShmRegion {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(PathBuf::from("/dev/shm").join(&self.name));
     }
+}
+
+/// One HTTP/1.1 POST of a JSON body on a fresh connection; returns the status code and the
+/// body.
+pub async fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("write request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    (status, body.to_string())
 }

@@ -186,12 +186,14 @@ class SchedulerSide:
         """For the P/D router's prefill request: per tensor-parallel rank, the keys of the
         prompt's blocks this engine saved or found stored. The router sends the request on to a
         decode engine only once the node holds them all, so the decode side's lookup never
-        races this side's save (docs/pd.md)."""
+        races this side's save (docs/pd.md). The namespace and block size also let the router
+        ask the node which host holds how much of a later prompt, to choose its prefill engine."""
         blocks = min(state.saved_blocks, state.request.num_prompt_tokens // self.block_size)
         tokens = list(state.request.all_token_ids[: blocks * self.block_size])
         ranks = [
             {
                 "namespace": digest.hex(),
+                "block_size": self.block_size,
                 "keys": [key.hex() for key in chain_keys(digest, tokens, self.block_size)],
             }
             for digest in self.digests

@@ -1,6 +1,7 @@
 //! Fakes for the router's behaviour tests: engines that answer by script over raw TCP (so they
 //! can die mid-request or mid-stream exactly as a killed process does), a node whose blocks are
-//! saved only after some lookups, the router itself in-process, and a client.
+//! saved only after some lookups and whose holders are scripted, the router itself in-process,
+//! and a client.
 
 // Each test binary uses a subset of these helpers.
 #![allow(dead_code)]
@@ -194,6 +195,17 @@ struct NodeState {
     saving: Mutex<Vec<String>>,
     lookups: AtomicUsize,
     lookups_until_saved: usize,
+    holders: Mutex<NodeReply>,
+    holders_asked: Mutex<Vec<Value>>,
+}
+
+/// What the fake node answers to `POST /api/holders`.
+#[derive(Clone)]
+pub enum NodeReply {
+    /// This status and JSON body.
+    Json(u16, Value),
+    /// Never an answer (a node that hangs).
+    Hang,
 }
 
 impl FakeNode {
@@ -203,9 +215,12 @@ impl FakeNode {
             saving: Mutex::new(Vec::new()),
             lookups: AtomicUsize::new(0),
             lookups_until_saved,
+            holders: Mutex::new(NodeReply::Json(200, json!({"holders": []}))),
+            holders_asked: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/api/lookup", post(node_lookup))
+            .route("/api/holders", post(node_holders))
             .with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -230,6 +245,30 @@ impl FakeNode {
 
     pub fn lookups(&self) -> usize {
         self.state.lookups.load(Ordering::SeqCst)
+    }
+
+    /// What `/api/holders` answers from now on.
+    pub fn answer_holders(&self, reply: NodeReply) {
+        *self.state.holders.lock().expect("holders") = reply;
+    }
+
+    /// The bodies `/api/holders` received, in order.
+    pub fn holders_asked(&self) -> Vec<Value> {
+        self.state.holders_asked.lock().expect("asked").clone()
+    }
+}
+
+async fn node_holders(
+    State(state): State<Arc<NodeState>>,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    state.holders_asked.lock().expect("asked").push(body);
+    let reply = state.holders.lock().expect("holders").clone();
+    match reply {
+        NodeReply::Json(status, body) => {
+            (StatusCode::from_u16(status).expect("a status"), Json(body))
+        }
+        NodeReply::Hang => std::future::pending().await,
     }
 }
 
@@ -258,11 +297,16 @@ pub async fn prefill_engine(node: &FakeNode, keys: Vec<String>) -> FakeEngine {
     .await
 }
 
-/// A prefill answer naming `keys` under one rank.
+/// A prefill answer naming `keys` under one rank of block size [`BLOCK_SIZE`].
 pub fn prefill_answer(keys: &[String]) -> Value {
     json!({"choices": [{"text": "x"}], "kv_transfer_params": {"pegaflow_handoff": {
-        "ranks": [{"namespace": "00".repeat(32), "keys": keys}]}}})
+        "ranks": [{"namespace": NAMESPACE, "block_size": BLOCK_SIZE, "keys": keys}]}}})
 }
+
+/// The namespace digest fake prefill engines report.
+pub const NAMESPACE: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The block size fake prefill engines report.
+pub const BLOCK_SIZE: u32 = 16;
 
 /// A decode engine that answers whether `node` held `keys` when its request arrived.
 pub async fn decode_engine(node: &FakeNode, keys: Vec<String>, text: &str) -> FakeEngine {
