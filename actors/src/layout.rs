@@ -257,6 +257,7 @@ mod tests {
             segment_bytes,
             layers,
             engine_events: Vec::new(),
+            load_progress: None,
         }
     }
 

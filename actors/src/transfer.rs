@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use pegaflow_gpu_dma::{
     enqueue_layers, finish_layers, Arena, CopyOp, Direction, DmaEngine, DmaError, EventRing,
-    RegionSource,
+    ProgressBoard, RegionSource,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
@@ -56,23 +56,37 @@ pub struct OpenedRegion {
     pub event_handles: Vec<[u8; 64]>,
 }
 
+/// What a load's engine may wait on before the copies are done: the event slot each layer
+/// ends with, and with a progress board the ticket the board shows once a slot is recorded.
+/// The default is a load answered once its copies are done: nothing to wait on.
+#[derive(Debug, Default)]
+pub struct QueuedLoad {
+    pub event_slots: Vec<u32>,
+    /// `Some` when the engine has a progress board: then this comes before any layer is
+    /// enqueued, and each slot is usable once the board shows the ticket.
+    pub ticket: Option<u64>,
+}
+
 /// Messages the transfer actor answers.
 pub enum TransferMsg {
-    /// Opens a region for the session `owner`; it stays open until `CloseOwner`.
+    /// Opens a region for the session `owner`; it stays open until `CloseOwner`. `progress` is
+    /// the engine's load progress board, kept only for regions with layer events.
     Open {
         owner: OwnerId,
         source: RegionSource,
+        progress: Option<Arc<ProgressBoard>>,
         reply: RpcReplyPort<Result<OpenedRegion, DmaError>>,
     },
     /// Closes every region of a session that ended.
     CloseOwner { owner: OwnerId },
     /// Runs a copy job. For a load on an engine with events, `queued` receives the event slot
-    /// of each layer once every layer's copy and event are enqueued, before the copies finish,
-    /// so the engine can wait on them GPU-side; `reply` comes when the copies are done, with
-    /// one crc32c per entry of `checksum_pages`.
+    /// of each layer before the copies finish, so the engine can wait on them GPU-side: at once
+    /// with a ticket when the engine has a progress board, else once every layer's copy and
+    /// event are enqueued; `reply` comes when the copies are done, with one crc32c per entry of
+    /// `checksum_pages`.
     Copy {
         job: CopyJob,
-        queued: Option<oneshot::Sender<Vec<u32>>>,
+        queued: Option<oneshot::Sender<QueuedLoad>>,
         reply: RpcReplyPort<Result<Vec<u32>, TransferError>>,
     },
     /// A job finished; its event slots may be handed out again.
@@ -97,6 +111,15 @@ struct Opened<R> {
     region: Arc<R>,
     /// Which event slots are in use by loads in flight; `None` without events.
     ring: Option<EventRing>,
+    /// The engine's load progress board, with the ticket of its next load.
+    progress: Option<(Arc<ProgressBoard>, u64)>,
+}
+
+/// A load's event slots, and its board and ticket when the engine has a board.
+struct Reservation {
+    first: u32,
+    slots: Vec<u32>,
+    board: Option<(Arc<ProgressBoard>, u64)>,
 }
 
 /// The engine, the arena it copies into, and the regions opened so far.
@@ -126,10 +149,16 @@ impl<E: DmaEngine> TransferState<E> {
         &self.engine
     }
 
-    fn open(&mut self, owner: OwnerId, source: &RegionSource) -> Result<OpenedRegion, DmaError> {
+    fn open(
+        &mut self,
+        owner: OwnerId,
+        source: &RegionSource,
+        progress: Option<Arc<ProgressBoard>>,
+    ) -> Result<OpenedRegion, DmaError> {
         let region = self.engine.open_region(source)?;
         let event_handles = self.engine.layer_event_handles(&region);
         let ring = (!event_handles.is_empty()).then(|| EventRing::new(event_handles.len() as u32));
+        let progress = progress.filter(|_| ring.is_some()).map(|board| (board, 1));
         let id = self.next_region;
         self.next_region += 1;
         self.regions.insert(
@@ -138,48 +167,92 @@ impl<E: DmaEngine> TransferState<E> {
                 owner,
                 region: Arc::new(region),
                 ring,
+                progress,
             },
         );
         self.metrics.engines.set(self.regions.len() as i64);
         Ok(OpenedRegion { id, event_handles })
     }
 
-    /// Event slots for a load's layers, when the region has events and the ring has room; a
-    /// load without them is answered only once its copies are done.
-    fn reserve_slots(&mut self, job: &CopyJob) -> Option<(u32, Vec<u32>)> {
+    /// Event slots (and the next ticket) for a load's layers, when the region has events and
+    /// the ring has room; a load without them is answered only once its copies are done.
+    fn reserve_slots(&mut self, job: &CopyJob) -> Option<Reservation> {
         if job.direction != Direction::Load {
             return None;
         }
-        let ring = self.regions.get_mut(&job.region)?.ring.as_mut()?;
+        let opened = self.regions.get_mut(&job.region)?;
+        let ring = opened.ring.as_mut()?;
         let layers = job.layers.len() as u32;
         let first = ring.reserve(layers)?;
-        Some((first, (0..layers).map(|l| ring.slot(first, l)).collect()))
+        let slots = (0..layers).map(|l| ring.slot(first, l)).collect();
+        let board = opened.progress.as_mut().map(|(board, next)| {
+            *next += 1;
+            (board.clone(), *next - 1)
+        });
+        Some(Reservation {
+            first,
+            slots,
+            board,
+        })
     }
 }
 
 /// Enqueues every layer (after a wait on the engine's event of that layer when the job names one,
-/// ending a load's layer with its event slot when `slots` are given), tells `queued`, waits for
+/// ending a load's layer with its event slot when reserved), tells `queued` (before enqueueing
+/// with a progress board, whose slots it then arms layer by layer; after, without), waits for
 /// the layers in order (observing each one's latency), then checksums a save's pages.
 fn run_job<E: DmaEngine>(
     engine: &E,
     arena: &Arena,
     region: &E::Region,
     job: &CopyJob,
-    slots: &[u32],
-    queued: Option<oneshot::Sender<Vec<u32>>>,
+    reserved: Option<&Reservation>,
+    queued: Option<oneshot::Sender<QueuedLoad>>,
     metrics: &Metrics,
 ) -> Result<Vec<u32>, TransferError> {
-    let layers = enqueue_layers(
+    let slots = reserved.map_or(&[][..], |r| &r.slots);
+    let board = reserved.and_then(|r| r.board.as_ref());
+    let mut queued = queued.filter(|_| !slots.is_empty());
+    if let Some((_, ticket)) = board {
+        if let Some(early) = queued.take() {
+            // The caller may have stopped waiting (its session ended); the copies still complete.
+            let _ = early.send(QueuedLoad {
+                event_slots: slots.to_vec(),
+                ticket: Some(*ticket),
+            });
+        }
+    }
+    let mut armed = 0;
+    let enqueued = enqueue_layers(
         engine,
         region,
         job.direction,
         &job.layers,
         &job.wait_events,
         slots,
-    )?;
+        |layer| {
+            if let Some((board, ticket)) = board {
+                board.arm(slots[layer], *ticket);
+            }
+            armed = layer + 1;
+        },
+    );
+    let layers = match enqueued {
+        Ok(layers) => layers,
+        Err(error) => {
+            if let Some((board, ticket)) = board {
+                slots[armed..]
+                    .iter()
+                    .for_each(|&slot| board.fail(slot, *ticket));
+            }
+            return Err(error.into());
+        }
+    };
     if let Some(queued) = queued {
-        // The caller may have stopped waiting (its session ended); the copies still complete.
-        let _ = queued.send(slots.to_vec());
+        let _ = queued.send(QueuedLoad {
+            event_slots: slots.to_vec(),
+            ticket: None,
+        });
     }
     finish_layers(engine, region, job.direction, layers, |took| {
         metrics.layer_done(job.direction, took)
@@ -242,8 +315,9 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
             TransferMsg::Open {
                 owner,
                 source,
+                progress,
                 reply,
-            } => drop(reply.send(state.open(owner, &source))),
+            } => drop(reply.send(state.open(owner, &source, progress))),
             TransferMsg::CloseOwner { owner } => {
                 // In-flight jobs hold their own reference; the mapping goes when they finish.
                 state.regions.retain(|_, opened| opened.owner != owner);
@@ -259,10 +333,16 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                 let arena = state.arena.clone();
                 let metrics = state.metrics.clone();
                 tokio::task::spawn_blocking(move || {
-                    let slots = reserved.as_ref().map_or(&[][..], |(_, slots)| slots);
-                    let queued = queued.filter(|_| !slots.is_empty());
                     let started = std::time::Instant::now();
-                    let result = run_job(&*engine, &arena, &region, &job, slots, queued, &metrics);
+                    let result = run_job(
+                        &*engine,
+                        &arena,
+                        &region,
+                        &job,
+                        reserved.as_ref(),
+                        queued,
+                        &metrics,
+                    );
                     if result.is_ok() {
                         metrics.transfer_done(
                             engine.name(),
@@ -271,13 +351,23 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                             started.elapsed(),
                         );
                     }
-                    if let Some((first_slot, _)) = reserved {
+                    match reserved {
+                        // A board shows a failed load's slots as failed until they are armed
+                        // again, so they stay reserved: a late waiter must never read another
+                        // load's ticket in them. Later loads then wait for their copies instead.
+                        Some(r) if r.board.is_some() && result.is_err() => tracing::warn!(
+                            region = job.region,
+                            "a load failed after it was answered; its event slots stay reserved"
+                        ),
                         // Re-recording a slot after this job's copies completed can only make a
                         // late waiter wait longer (same stream, later copy), never too little.
-                        let _ = myself.cast(TransferMsg::JobDone {
-                            region: job.region,
-                            first_slot,
-                        });
+                        Some(r) => {
+                            let _ = myself.cast(TransferMsg::JobDone {
+                                region: job.region,
+                                first_slot: r.first,
+                            });
+                        }
+                        None => {}
                     }
                     drop(reply.send(result));
                 });
@@ -289,5 +379,168 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use pegaflow_gpu_dma::PROGRESS_FAILED;
+
+    use super::*;
+
+    /// A copy engine with layer events that notes, at each copy, whether the load was already
+    /// answered, and fails the end of layer `fail_at`.
+    struct Evented {
+        answer: Mutex<Option<oneshot::Receiver<QueuedLoad>>>,
+        answered_at_copy: Mutex<Vec<bool>>,
+        fail_at: Option<usize>,
+        ends: Mutex<usize>,
+    }
+
+    impl Evented {
+        fn new(answer: oneshot::Receiver<QueuedLoad>, fail_at: Option<usize>) -> Self {
+            Self {
+                answer: Mutex::new(Some(answer)),
+                answered_at_copy: Mutex::new(Vec::new()),
+                fail_at,
+                ends: Mutex::new(0),
+            }
+        }
+    }
+
+    impl DmaEngine for Evented {
+        type Region = ();
+        type LayerEnd = ();
+
+        fn name(&self) -> &'static str {
+            "evented"
+        }
+
+        fn open_region(&self, _: &RegionSource) -> Result<(), DmaError> {
+            Ok(())
+        }
+
+        fn copy_layer(&self, _: &(), _: Direction, _: &[CopyOp]) -> Result<(), DmaError> {
+            let answered = match self.answer.lock().unwrap().as_mut() {
+                Some(answer) => answer.try_recv().is_ok(),
+                None => true,
+            };
+            if answered {
+                self.answer.lock().unwrap().take();
+            }
+            self.answered_at_copy.lock().unwrap().push(answered);
+            Ok(())
+        }
+
+        fn end_layer(&self, _: &(), _: Direction, _: Option<u32>) -> Result<(), DmaError> {
+            let mut ends = self.ends.lock().unwrap();
+            *ends += 1;
+            match self.fail_at == Some(*ends - 1) {
+                true => Err(DmaError::Cuda {
+                    op: "cuEventRecord (test)".into(),
+                    message: "injected".into(),
+                }),
+                false => Ok(()),
+            }
+        }
+
+        fn wait_layer(&self, _: &(), _: ()) -> Result<std::time::Instant, DmaError> {
+            Ok(std::time::Instant::now())
+        }
+    }
+
+    /// A board file in /dev/shm, removed when dropped.
+    struct BoardFile(String);
+
+    impl BoardFile {
+        fn new(tag: &str) -> (Self, Arc<ProgressBoard>) {
+            let name = format!("pegaflow-test-board-{}-{tag}", std::process::id());
+            let file = std::fs::File::create(format!("/dev/shm/{name}")).expect("create");
+            file.set_len(8 * 8).expect("size");
+            let board = ProgressBoard::open(&name, 8).expect("open board");
+            (Self(name), Arc::new(board))
+        }
+    }
+
+    impl Drop for BoardFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(format!("/dev/shm/{}", self.0));
+        }
+    }
+
+    fn load_job(layers: usize) -> CopyJob {
+        CopyJob {
+            region: 1,
+            direction: Direction::Load,
+            layers: vec![Vec::new(); layers],
+            checksum_pages: Vec::new(),
+            wait_events: Vec::new(),
+        }
+    }
+
+    fn run(engine: &Evented, reserved: &Reservation, answer: oneshot::Sender<QueuedLoad>) -> bool {
+        let arena = Arena::new(4096, "transfer-test").expect("arena");
+        let metrics = Metrics::new().expect("metrics");
+        let job = load_job(reserved.slots.len());
+        run_job(
+            engine,
+            &arena,
+            &(),
+            &job,
+            Some(reserved),
+            Some(answer),
+            &metrics,
+        )
+        .is_ok()
+    }
+
+    #[test]
+    fn with_a_board_the_load_is_answered_first_and_each_slot_armed_with_its_ticket() {
+        let (_file, board) = BoardFile::new("armed");
+        let (answer, answered) = oneshot::channel();
+        let engine = Evented::new(answered, None);
+        let reserved = Reservation {
+            first: 2,
+            slots: vec![2, 3, 4],
+            board: Some((board.clone(), 7)),
+        };
+        assert!(run(&engine, &reserved, answer));
+        assert_eq!(*engine.answered_at_copy.lock().unwrap(), [true, true, true]);
+        let words: Vec<_> = (0..6).map(|slot| board.read(slot)).collect();
+        assert_eq!(words, [0, 0, 7, 7, 7, 0].map(Some));
+    }
+
+    #[test]
+    fn a_load_failing_midway_marks_the_slots_it_did_not_record() {
+        let (_file, board) = BoardFile::new("failed");
+        let (answer, answered) = oneshot::channel();
+        let engine = Evented::new(answered, Some(1));
+        let reserved = Reservation {
+            first: 0,
+            slots: vec![0, 1, 2],
+            board: Some((board.clone(), 9)),
+        };
+        assert!(!run(&engine, &reserved, answer));
+        let words: Vec<_> = (0..3).map(|slot| board.read(slot)).collect();
+        let failed = 9 | PROGRESS_FAILED;
+        assert_eq!(words, [9, failed, failed].map(Some));
+    }
+
+    #[test]
+    fn without_a_board_the_load_is_answered_once_every_layer_is_enqueued() {
+        let (answer, answered) = oneshot::channel();
+        let engine = Evented::new(answered, None);
+        let reserved = Reservation {
+            first: 0,
+            slots: vec![0, 1],
+            board: None,
+        };
+        assert!(run(&engine, &reserved, answer));
+        assert_eq!(*engine.answered_at_copy.lock().unwrap(), [false, false]);
+        let mut answer = engine.answer.lock().unwrap().take().expect("receiver");
+        let queued = answer.try_recv().expect("answered after enqueueing");
+        assert_eq!((queued.event_slots, queued.ticket), (vec![0, 1], None));
     }
 }

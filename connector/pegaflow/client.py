@@ -261,12 +261,15 @@ class Client:
         segment_bytes: int,
         layers: Sequence[Sequence[Sequence[int]]],
         engine_events: Sequence[bytes] = (),
+        load_progress: str | None = None,
     ) -> Engine:
         """Registers a KV region; the handle stays valid across reconnects.
 
         GPU engines may pass `engine_events`: the 64-byte interprocess handles of events they
         created once (`torch.cuda.Event(interprocess=True).ipc_handle()`), which a `save`'s
-        `after_events` then name so the node waits for the engine's writes GPU-side.
+        `after_events` then name so the node waits for the engine's writes GPU-side, and
+        `load_progress`: the shm name of a `progress.ProgressBoard`, so loads are answered before
+        their layers are enqueued, with a ticket.
         """
         fields: dict[str, Any] = {
             "namespace": namespace.to_wire(),
@@ -277,6 +280,8 @@ class Client:
         }
         if engine_events:
             fields["engine_events"] = [bytes(handle) for handle in engine_events]
+        if load_progress is not None:
+            fields["load_progress"] = load_progress
         with self._state_lock:  # a reconnect meanwhile must see this engine in the list
             conn = self._connect_locked()
             reply = self._wait(conn, conn.send("register", fields), "register", self.timeout)

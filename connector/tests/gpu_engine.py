@@ -8,18 +8,22 @@ with `after_events` at once, without any host synchronization: the bytes are onl
 node's copies waited on the events GPU-side.
 `load`: registers a fresh buffer, loads the blocks into other block ids, and reads each layer on
 its own stream after waiting (GPU-side) on the node's event for that layer; then compares.
+`load-board`: the same with a load progress board: the node answers before enqueueing, with a
+ticket, and each layer is read once the board shows the node recorded its event.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
 from pegaflow import Client, Namespace, chain_keys
 from pegaflow.client import Engine
 from pegaflow.cuda import ipc_region
+from pegaflow.progress import ProgressBoard
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 8, 64, 16, 8, 128
 SAVED_BLOCKS = [5, 9, 2, 40, 17, 33, 0, 63]
@@ -39,11 +43,13 @@ def keys(first_token: int) -> list[bytes]:
     return chain_keys(NAMESPACE.digest(), tokens, BLOCK_SIZE)
 
 
-def register(client: Client, kv: torch.Tensor, engine_events: list[bytes] | None = None) -> Engine:
+def register(client: Client, kv: torch.Tensor, engine_events: list[bytes] | None = None,
+             board: ProgressBoard | None = None) -> Engine:  # fmt: skip
     layers = [[[layer * BLOCKS * SEGMENT, SEGMENT]] for layer in range(LAYERS)]
     return client.register(NAMESPACE, region=ipc_region(kv.untyped_storage()), num_blocks=BLOCKS,
                            segment_bytes=SEGMENT, layers=layers,
-                           engine_events=engine_events or [])  # fmt: skip
+                           engine_events=engine_events or [],
+                           load_progress=board.name if board else None)  # fmt: skip
 
 
 def save(client: Client, path: str, keys: list[bytes]) -> int:
@@ -80,20 +86,24 @@ def save_after_events(client: Client, path: str, keys: list[bytes]) -> int:
     return 0 if result.stored == len(SAVED_BLOCKS) and busy else 1
 
 
-def load(client: Client, path: str, keys: list[bytes]) -> int:
+def load(client: Client, path: str, keys: list[bytes], board: ProgressBoard | None = None) -> int:
     kv = torch.zeros((LAYERS, BLOCKS, BLOCK_SIZE, HEADS, 2 * HEAD_DIM), dtype=torch.bfloat16,
                      device="cuda")  # fmt: skip
-    engine = register(client, kv)
+    engine = register(client, kv, board=board)
     events = [torch.cuda.Event.from_ipc_handle(kv.device, h) for h in engine.layer_events]
     reply = client.submit("load", engine=engine, keys=keys, block_ids=LOADED_INTO).result()
     slots = reply.get("event_slots", [])
-    if reply["loaded"] != len(keys) or len(slots) != LAYERS:
-        print(f"load reply {reply['loaded']} blocks, event slots {slots}")
+    ticket = reply.get("ticket")
+    if reply["loaded"] != len(keys) or len(slots) != LAYERS or (ticket is None) != (board is None):
+        print(f"load reply {reply['loaded']} blocks, event slots {slots}, ticket {ticket}")
         return 1
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         layers = []
         for layer, slot in enumerate(slots):
+            if board is not None and not board.wait(slot, ticket, time.monotonic() + 10):
+                print(f"the board never showed layer {layer} recorded")
+                return 1
             stream.wait_event(events[slot])  # GPU-side: no host thread waits between layers
             layers.append(kv[layer, LOADED_INTO].view(torch.int16).clone())
     stream.synchronize()
@@ -110,7 +120,8 @@ def load(client: Client, path: str, keys: list[bytes]) -> int:
 
 
 def main() -> int:
-    modes = {"save": save, "save-events": save_after_events, "load": load}
+    modes = {"save": save, "save-events": save_after_events, "load": load,
+             "load-board": lambda c, p, k: load(c, p, k, ProgressBoard())}  # fmt: skip
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=list(modes))
     parser.add_argument("--socket", required=True)

@@ -1,6 +1,7 @@
 """The CUDA data path end to end on a GPU machine: one torch process registers its KV buffer
 by CUDA IPC, saves blocks and exits; a second loads them into other block ids, layer by layer,
-its stream waiting on the node's per-layer events. A save may also be sent before the engine's
+its stream waiting on the node's per-layer events (and, with a load progress board, answered
+before the node enqueued them). A save may also be sent before the engine's
 stream wrote the blocks, naming the engine's per-layer events for the node to wait on. Run with
 `pytest -m gpu` where a GPU is."""
 
@@ -38,6 +39,7 @@ def test_gpu_blocks_outlive_their_engine_and_load_layer_by_layer(
     blocks_file = tmp_path / "saved.pt"
     assert "saved 8 blocks" in run_engine(node, "save", blocks_file)
     assert "byte-exact" in run_engine(node, "load", blocks_file)
+    assert "byte-exact" in run_engine(node, "load-board", blocks_file)
     assert node.stats()["pool"]["leased_bytes"] == 0
 
 

@@ -299,6 +299,7 @@ def bad_requests(engine: int, region: HostKvRegion) -> list[tuple[str, dict[str,
             "after_events[0]",
         ),
         ("register", {**fields, "engine_events": [bytes(64)]}, BAD_FIELD, "engine_events"),
+        ("register", {**fields, "load_progress": "pegaflow-x"}, BAD_FIELD, "load_progress"),
         (
             "load",
             {**transfer, "engine": engine + 1000, "block_ids": [0]},

@@ -25,8 +25,9 @@ pub struct EnqueuedLayer<End> {
 }
 
 /// Enqueues every layer of a job: `layers[i]`'s copies after the engine's event `wait_events[i]`
-/// when given, and each layer ended with its event slot `event_slots[i]` when given. Returns the
-/// layers in order, for [`finish_layers`].
+/// when given, and each layer ended with its event slot `event_slots[i]` when given; `ended(i)`
+/// runs once layer `i`'s end is enqueued (the node arms the layer's progress word there).
+/// Returns the layers in order, for [`finish_layers`].
 pub fn enqueue_layers<E: DmaEngine>(
     engine: &E,
     region: &E::Region,
@@ -34,6 +35,7 @@ pub fn enqueue_layers<E: DmaEngine>(
     layers: &[Vec<CopyOp>],
     wait_events: &[u32],
     event_slots: &[u32],
+    mut ended: impl FnMut(usize),
 ) -> Result<Vec<EnqueuedLayer<E::LayerEnd>>, DmaError> {
     let mut enqueued = Vec::with_capacity(layers.len());
     let per_group = match wait_events.is_empty() {
@@ -49,6 +51,7 @@ pub fn enqueue_layers<E: DmaEngine>(
         for layer in group {
             let end = engine.end_layer(region, direction, event_slots.get(layer).copied())?;
             enqueued.push(EnqueuedLayer { submitted, end });
+            ended(layer);
         }
     }
     Ok(enqueued)
@@ -196,8 +199,17 @@ mod tests {
     fn a_load_copies_layer_by_layer_each_ended_with_its_event_slot() {
         let engine = Recorder::new(1);
         let layers = five_layers();
-        let enqueued =
-            enqueue_layers(&engine, &(), Direction::Load, &layers[..2], &[], &[7, 8]).unwrap();
+        let ended = |layer| engine.log(format!("ended {layer}"));
+        let enqueued = enqueue_layers(
+            &engine,
+            &(),
+            Direction::Load,
+            &layers[..2],
+            &[],
+            &[7, 8],
+            ended,
+        )
+        .unwrap();
         let mut took = Vec::new();
         finish_layers(&engine, &(), Direction::Load, enqueued, |d| took.push(d)).unwrap();
         assert_eq!(
@@ -205,8 +217,10 @@ mod tests {
             [
                 "copy 1",
                 "end Some(7)",
+                "ended 0",
                 "copy 2",
                 "end Some(8)",
+                "ended 1",
                 "wait Some(7)",
                 "wait Some(8)",
                 "finish"
@@ -218,8 +232,16 @@ mod tests {
     #[test]
     fn a_bulk_save_merges_layers_into_groups_sharing_their_submission() {
         let engine = Recorder::new(2);
-        let enqueued =
-            enqueue_layers(&engine, &(), Direction::Save, &five_layers(), &[], &[]).unwrap();
+        let enqueued = enqueue_layers(
+            &engine,
+            &(),
+            Direction::Save,
+            &five_layers(),
+            &[],
+            &[],
+            |_| {},
+        )
+        .unwrap();
         assert_eq!(
             *engine.calls.lock().unwrap(),
             [
@@ -245,6 +267,7 @@ mod tests {
             &five_layers()[..3],
             &events,
             &[],
+            |_| {},
         )
         .unwrap();
         assert_eq!(

@@ -13,7 +13,8 @@
 //!
 //! Modules hold one concept each: [`arena`](Arena) (pool memory), `region` (what a region is and
 //! how a shared-memory one is opened), `engine` (the trait and its op types), `job` (the order in
-//! which a whole save or load drives an engine), `host` (the host engine), `cuda` (the CUDA
+//! which a whole save or load drives an engine), `progress` (the board that lets a load be
+//! answered before its layers are enqueued), `host` (the host engine), `cuda` (the CUDA
 //! engine, itself split by concept), `numa` (where the arena's pages go), `error`.
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
@@ -28,6 +29,7 @@ mod error;
 mod host;
 mod job;
 mod numa;
+mod progress;
 mod region;
 
 pub use arena::Arena;
@@ -39,4 +41,5 @@ pub use engine::{CopyOp, Direction, DmaEngine};
 pub use error::DmaError;
 pub use host::HostDmaEngine;
 pub use job::{enqueue_layers, finish_layers, EnqueuedLayer};
+pub use progress::{ProgressBoard, FAILED as PROGRESS_FAILED};
 pub use region::{HostRegion, RegionSource};

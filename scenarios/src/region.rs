@@ -74,6 +74,7 @@ impl ShmRegion {
                 .map(|l| vec![(l * plane, self.segment as u64)])
                 .collect(),
             engine_events: Vec::new(),
+            load_progress: None,
         }
     }
 

@@ -68,6 +68,10 @@ pub struct LoadReply {
     /// each layer's event. Omitted when the copies were already done before the reply.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub event_slots: Vec<u32>,
+    /// Engines with a load progress board: the reply comes before the layers are enqueued, and
+    /// slot `event_slots[L]`'s word shows this ticket once layer `L`'s event is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<u64>,
 }
 
 /// `release`'s answer.

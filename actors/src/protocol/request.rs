@@ -55,6 +55,11 @@ pub struct RegisterRequest {
     /// engine created once; a `save`'s `after_events` name slots of it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub engine_events: Vec<super::bin::Bin>,
+    /// GPU engines, optional: the shared-memory name of the engine's load progress board (one
+    /// 8-byte word per `layer_events` slot), so loads are answered before their layers are
+    /// enqueued (docs/protocol.md "Load progress").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_progress: Option<String>,
 }
 
 /// `lookup`: how long a prefix of these keys the node holds.

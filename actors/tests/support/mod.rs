@@ -99,6 +99,7 @@ impl ShmRegion {
                 })
                 .collect(),
             engine_events: Vec::new(),
+            load_progress: None,
         }
     }
 

@@ -4,7 +4,9 @@ Loads are asynchronous: submitted when the scheduler parks a request, reported f
 any blocks that did not arrive) once the node answered, so vLLM recomputes what is missing.
 Saves finish inside `wait_for_save`, before vLLM may reuse the blocks. On a GPU the worker records
 an interprocess event per layer in `save_kv_layer` and the node's copies wait on them GPU-side,
-so `wait_for_save` never synchronizes the engine's stream.
+so `wait_for_save` never synchronizes the engine's stream; a load is answered at once and each
+layer is waited for through the load progress board, so layer 0 computes while later layers are
+still being enqueued.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from ..client import Client, Engine
 from ..keys import Namespace, chain_keys
+from ..progress import ProgressBoard
 from .config import ConnectorConfig
 from .layout import (
     KvShape,
@@ -51,6 +54,7 @@ class _Load:
     future: concurrent.futures.Future[Reply]
     block_ids: list[int]
     deadline: float
+    failed: bool = False  # the board said the node stopped before recording a layer
 
 
 class WorkerSide:
@@ -80,6 +84,7 @@ class WorkerSide:
         self._save_events: list[torch.cuda.Event] = []
         self._save_handles: list[bytes] = []
         self._recorded: set[int] = set()  # layers whose event was recorded this step
+        self._board: ProgressBoard | None = None  # GPU: which layer events a load recorded
         self._saving = False  # this step's metadata has saves
         self.stats = WorkerStats()
         self._tokens: dict[str, list[int]] = {}
@@ -105,6 +110,7 @@ class WorkerSide:
             if tensors[0].is_cuda:
                 self.region = export_cuda_tensors(tensors, shape)
                 self._create_save_events(names, tensors[0].device)
+                self._board = ProgressBoard()
             else:
                 self.region = share_cpu_tensors(tensors, self._layer_views(), shape)
         except UnsupportedLayout as exc:
@@ -140,6 +146,7 @@ class WorkerSide:
             segment_bytes=self.region.segment_bytes,
             layers=self.region.layers,
             engine_events=self._save_handles,
+            load_progress=self._board.name if self._board is not None else None,
         )
         log.info(
             "PegaFlow worker: registered %d layers x %d blocks (%s, %s) with %s",
@@ -184,18 +191,31 @@ class WorkerSide:
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Layer-wise loading: called before a layer's attention reads its KV, so that layer `L`
-        computes while `L + 1` still copies. The host waits only for each load's reply (GPU: sent
-        once the node queued every copy); the current stream then waits GPU-side on the node's
-        event for this layer. Host engines copy before replying. A load that failed or timed out
-        is left to `finished`, which reports its blocks as load errors."""
+        computes while `L + 1` still copies. The host waits for each load's reply, then (GPU, with
+        a ticket) for the progress board to show the node recorded this layer's event; the
+        current stream then waits GPU-side on that event. Host engines copy before replying. A
+        load that failed or timed out is left to `finished`, which reports its blocks as load
+        errors."""
         index = self._layer_index.get(layer_name)
         for load in self._loads.values():
             reply = self.link.wait(load.future, max(load.deadline - time.monotonic(), 0.0))
             slots = reply.get("event_slots") if reply is not None else None
-            if slots and index is not None and index < len(slots):
-                assert self.region is not None
-                stream = torch.cuda.current_stream(self.region.device)
-                stream.wait_event(self._layer_events()[slots[index]])
+            if load.failed or not slots or index is None or index >= len(slots):
+                continue
+            ticket = reply.get("ticket") if reply is not None else None
+            if ticket is not None and not self._layer_recorded(slots[index], ticket, load):
+                continue
+            assert self.region is not None
+            stream = torch.cuda.current_stream(self.region.device)
+            stream.wait_event(self._layer_events()[slots[index]])
+
+    def _layer_recorded(self, slot: int, ticket: int, load: _Load) -> bool:
+        """Waits on the board for the node to record `slot` for the load `ticket`; a load the
+        node gave up on (or that ran out of time) is marked failed."""
+        if self._board is None or not self._board.wait(slot, ticket, load.deadline):
+            load.failed = True
+            return False
+        return True
 
     def record_layer(self, layer_name: str) -> None:
         """GPU: marks, on the current stream, where this step's writes to the layer end; the
@@ -243,7 +263,9 @@ class WorkerSide:
             if reply is not None and not self._copies_done(load, reply) and now < load.deadline:
                 continue
             del self._loads[req_id]
-            loaded = 0 if reply is None else min(reply["loaded"], len(load.block_ids))
+            loaded = 0
+            if reply is not None and not load.failed:
+                loaded = min(reply["loaded"], len(load.block_ids))
             self.stats.loaded_blocks += loaded
             self._fail_load(req_id, load.block_ids[loaded:])
         self._finished |= finished_req_ids
@@ -256,12 +278,21 @@ class WorkerSide:
         return done or None
 
     def _copies_done(self, load: _Load, reply: Reply) -> bool:
-        """GPU engines: the node answers when the copies are queued, with the event slot it
-        records after each layer; the last layer's event says the whole load ran (one stream,
-        in order). Host engines copy before answering."""
+        """GPU engines: the node answers with the event slot it records after each layer (once
+        the copies are queued, or at once with a ticket); the last layer's event says the whole
+        load ran (one stream, in order), once the board shows it recorded. Host engines copy
+        before answering."""
         slots = reply.get("event_slots")
-        if not slots or self.engine is None or self.region is None:
+        if load.failed or not slots or self.engine is None or self.region is None:
             return True
+        ticket = reply.get("ticket")
+        if ticket is not None and self._board is not None:
+            recorded = self._board.armed(slots[-1], ticket)
+            if recorded is None:
+                return False
+            load.failed = not recorded
+            if load.failed:
+                return True
         return self._layer_events()[slots[-1]].query()
 
     def _layer_events(self) -> list[Any]:
@@ -320,3 +351,5 @@ class WorkerSide:
         self.link.close()
         if self.region is not None and self.region.close is not None:
             self.region.close()
+        if self._board is not None:
+            self._board.close()

@@ -188,7 +188,7 @@ fn run_job(
     direction: Direction,
     plan: &[Vec<CopyOp>],
 ) -> Result<u64, DmaError> {
-    let layers = enqueue_layers(engine, region, direction, plan, &[], &[])?;
+    let layers = enqueue_layers(engine, region, direction, plan, &[], &[], |_| {})?;
     finish_layers(engine, region, direction, layers, |_| {})?;
     Ok(plan.iter().flatten().map(|op| op.len).sum())
 }
@@ -888,7 +888,15 @@ fn ipc_selftest(path: &str) -> BenchResult<()> {
     let handles = engine.layer_event_handles(&region);
     let layers = plan(&x.dst);
     let slots: Vec<u32> = (0..layers.len() as u32).collect();
-    let enqueued = enqueue_layers(&engine, &region, Direction::Load, &layers, &[], &slots)?;
+    let enqueued = enqueue_layers(
+        &engine,
+        &region,
+        Direction::Load,
+        &layers,
+        &[],
+        &slots,
+        |_| {},
+    )?;
     finish_layers(&engine, &region, Direction::Load, enqueued, |_| {})?;
     println!(
         "ipc selftest: opened {} bytes at offset {}, saved {} blocks, loaded them into other blocks, {} layer events recorded ({} handles exported)",

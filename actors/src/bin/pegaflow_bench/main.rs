@@ -269,6 +269,7 @@ impl Shape {
                 .map(|layer| vec![(layer * layer_bytes, self.segment_bytes)])
                 .collect(),
             engine_events: Vec::new(),
+            load_progress: None,
         }
     }
 }

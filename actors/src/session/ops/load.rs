@@ -11,7 +11,7 @@ use crate::context::{ask, NodeContext};
 use crate::keys::BlockKey;
 use crate::pool::{LoadGrant, PageEntry, PoolMsg, TransferLease};
 use crate::protocol::{ErrorCode, LoadReply, ProtoError, ReplyBody};
-use crate::transfer::{CopyJob, TransferMsg};
+use crate::transfer::{CopyJob, QueuedLoad, TransferMsg};
 
 /// Pins the leading held pages (promoting SSD-resident ones, fetching peers' ones), copies
 /// them in, and unpins them.
@@ -25,8 +25,8 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
         .zip(&pages)
         .map(|(&block, page)| (block, page.extent.offset))
         .collect();
-    let event_slots = if blocks.is_empty() {
-        Vec::new()
+    let queued = if blocks.is_empty() {
+        QueuedLoad::default()
     } else {
         let copy = CopyJob {
             region: job.engine.region,
@@ -41,7 +41,8 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
     ctx.metrics.loaded_blocks_total.inc_by(loaded);
     Ok(ReplyBody::Load(LoadReply {
         loaded: loaded as u32,
-        event_slots,
+        event_slots: queued.event_slots,
+        ticket: queued.ticket,
     }))
 }
 
@@ -82,14 +83,15 @@ async fn acquire(
     .await
 }
 
-/// Runs the copy and returns as early as is safe: once every layer is enqueued with its event
-/// (GPU engines; the engine's stream waits on the events), or once the copies are done (no
-/// events). The pages stay pinned by `leases` until the copies are done either way.
+/// Runs the copy and returns as early as is safe: at once with a ticket (GPU engines with a
+/// progress board; the engine waits for the board, then its stream on each layer's event), once
+/// every layer is enqueued with its event (GPU engines without a board), or once the copies are
+/// done (no events). The pages stay pinned by `leases` until the copies are done either way.
 async fn copy_in(
     transfer: ActorRef<TransferMsg>,
     copy: CopyJob,
     leases: Vec<TransferLease>,
-) -> Result<Vec<u32>, ProtoError> {
+) -> Result<QueuedLoad, ProtoError> {
     let (queued, enqueued) = oneshot::channel();
     let done = tokio::spawn(async move {
         let result = ask(&transfer, "transfer", |reply| TransferMsg::Copy {
@@ -109,16 +111,16 @@ async fn copy_in(
         }
     });
     match enqueued.await {
-        Ok(slots) => {
+        Ok(queued) => {
             tokio::spawn(async move {
                 if let Ok(Err(error)) = done.await {
                     tracing::error!(message = %error.message, "load failed after its layer events were handed out");
                 }
             });
-            Ok(slots)
+            Ok(queued)
         }
         Err(_) => match done.await {
-            Ok(result) => result.map(|()| Vec::new()),
+            Ok(result) => result.map(|()| QueuedLoad::default()),
             Err(e) => Err(ProtoError::new(
                 ErrorCode::Internal,
                 format!("load task failed: {e}"),

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use pegaflow_gpu_dma::RegionSource;
+use pegaflow_gpu_dma::{ProgressBoard, RegionSource, EVENT_RING_SLOTS};
 
 use crate::context::ask;
 use crate::layout::EngineLayout;
@@ -59,6 +59,28 @@ fn region_source(spec: &RegionSpec, engine_events: &[Bin]) -> Result<RegionSourc
     }
 }
 
+/// Maps a GPU engine's load progress board, one word per slot of the node's event ring.
+fn progress_board(
+    source: &RegionSource,
+    name: Option<&str>,
+) -> Result<Option<Arc<ProgressBoard>>, ProtoError> {
+    let Some(name) = name else { return Ok(None) };
+    if !matches!(source, RegionSource::CudaIpc { .. }) {
+        return Err(ProtoError::new(
+            ErrorCode::BadField,
+            "field `load_progress`: only GPU engines (`region.cuda_ipc`) have layer events",
+        ));
+    }
+    ProgressBoard::open(name, EVENT_RING_SLOTS)
+        .map(|board| Some(Arc::new(board)))
+        .map_err(|e| {
+            ProtoError::new(
+                ErrorCode::RegionUnavailable,
+                format!("field `load_progress`: {e}"),
+            )
+        })
+}
+
 /// Registers the engine on this session; the region stays open until the session ends.
 pub async fn handle(
     state: &mut SessionState,
@@ -66,10 +88,12 @@ pub async fn handle(
 ) -> Result<ReplyBody, ProtoError> {
     let layout = EngineLayout::validate(&req, state.ctx.max_page_bytes)?;
     let source = region_source(&req.region, &req.engine_events)?;
+    let progress = progress_board(&source, req.load_progress.as_deref())?;
     let owner = state.id;
     let opened = ask(&state.ctx.transfer, "transfer", |reply| TransferMsg::Open {
         owner,
         source,
+        progress,
         reply,
     })
     .await?

@@ -1,0 +1,131 @@
+//! The load progress board: one shared-memory word per layer-event slot through which the node
+//! tells a GPU engine that a load recorded that slot's event.
+//!
+//! Why: an engine's stream may only wait on layer `L`'s event once the node has recorded it
+//! (waiting on an event not yet recorded for this load waits on nothing). Without the board the
+//! node answers a load only after enqueueing every layer, and enqueueing a 10K-token load's 32
+//! layers of scattered copies takes about as long as the copies themselves (the driver's queue
+//! fills and the host waits for it to drain). With the board the node answers at once with a
+//! ticket, arms each slot as it records the layer's event, and the engine waits on the host for
+//! the board to show its ticket before its stream waits on that layer: layer 0 computes while
+//! layer 31 is still being enqueued.
+//!
+//! Each word holds the ticket of the last load that recorded the slot, or that ticket with
+//! [`FAILED`] set when the load stopped before recording it. The engine creates the file, the
+//! node maps it at register (validated like a shared-memory KV region) and the engine unlinks it
+//! once registered, so no file outlives either process.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::DmaError;
+use crate::region::{HostRegion, DEFAULT_SHM_ROOT};
+
+/// Set in a slot's word when the load with that ticket failed before recording the slot.
+pub const FAILED: u64 = 1 << 63;
+
+/// Bytes per slot word.
+const WORD_BYTES: u64 = 8;
+
+/// An engine's board, mapped shared read-write.
+#[derive(Debug)]
+pub struct ProgressBoard {
+    words: HostRegion,
+    slots: u32,
+}
+
+impl ProgressBoard {
+    /// Maps the shared-memory object `name`, which must hold at least one word per slot.
+    pub fn open(name: &str, slots: u32) -> Result<ProgressBoard, DmaError> {
+        Self::open_in(Path::new(DEFAULT_SHM_ROOT), name, slots)
+    }
+
+    fn open_in(root: &Path, name: &str, slots: u32) -> Result<ProgressBoard, DmaError> {
+        let words = HostRegion::open(root, name, u64::from(slots) * WORD_BYTES)?;
+        Ok(ProgressBoard { words, slots })
+    }
+
+    /// Says that the load `ticket` recorded `slot`'s event.
+    pub fn arm(&self, slot: u32, ticket: u64) {
+        self.store(slot, ticket & !FAILED);
+    }
+
+    /// Says that the load `ticket` stopped before recording `slot`'s event.
+    pub fn fail(&self, slot: u32, ticket: u64) {
+        self.store(slot, ticket | FAILED);
+    }
+
+    /// The word of `slot` as the engine reads it (tests).
+    pub fn read(&self, slot: u32) -> Option<u64> {
+        self.word(slot).map(|word| word.load(Ordering::Acquire))
+    }
+
+    fn store(&self, slot: u32, value: u64) {
+        // Slots come from the node's own ring, sized like the board; a slot past it is a bug
+        // that must not write outside the mapping.
+        if let Some(word) = self.word(slot) {
+            word.store(value, Ordering::Release);
+        }
+    }
+
+    fn word(&self, slot: u32) -> Option<&AtomicU64> {
+        if slot >= self.slots {
+            return None;
+        }
+        let offset = (u64::from(slot) * WORD_BYTES) as usize;
+        // SAFETY: the mapping is page-aligned and holds `slots` words, so the pointer is in
+        // bounds and 8-byte aligned; it lives as long as `self`. The engine only reads it.
+        Some(unsafe { AtomicU64::from_ptr(self.words.base_ptr().add(offset).cast::<u64>()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn board_file(dir: &tempfile::TempDir, bytes: u64) {
+        let file = std::fs::File::create(dir.path().join("board")).expect("create");
+        file.set_len(bytes).expect("size");
+    }
+
+    #[test]
+    fn arming_and_failing_write_the_ticket_in_the_slots_word() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        board_file(&dir, 4 * WORD_BYTES);
+        let board = ProgressBoard::open_in(dir.path(), "board", 4).expect("open");
+        board.arm(1, 7);
+        board.fail(3, 7);
+        assert_eq!(
+            (0..4).map(|s| board.read(s)).collect::<Vec<_>>(),
+            [Some(0), Some(7), Some(0), Some(7 | FAILED)]
+        );
+        let bytes = std::fs::read(dir.path().join("board")).expect("read back");
+        assert_eq!(bytes[8..16], 7u64.to_le_bytes());
+    }
+
+    #[test]
+    fn a_slot_past_the_board_is_never_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        board_file(&dir, 2 * WORD_BYTES);
+        let board = ProgressBoard::open_in(dir.path(), "board", 2).expect("open");
+        board.arm(2, 5);
+        assert_eq!(board.read(2), None);
+        assert_eq!(
+            std::fs::read(dir.path().join("board")).expect("read"),
+            [0; 16]
+        );
+    }
+
+    #[test]
+    fn a_board_smaller_than_its_slots_or_badly_named_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        board_file(&dir, 8);
+        let small = ProgressBoard::open_in(dir.path(), "board", 2).unwrap_err();
+        assert!(
+            matches!(small, DmaError::RegionTooSmall { needed: 16, .. }),
+            "{small}"
+        );
+        let named = ProgressBoard::open_in(dir.path(), "../board", 1).unwrap_err();
+        assert!(matches!(named, DmaError::BadRegionName { .. }), "{named}");
+    }
+}
