@@ -17,6 +17,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 DTYPE = torch.bfloat16
 
@@ -174,10 +175,9 @@ def paged_attention(
     rows = cache.permute(0, 2, 1, 3).view(-1, kv_heads, 2 * head_dim)
     rows[slots[-tokens:]] = torch.cat((k, v), dim=-1)
     key, value = rows[slots].transpose(0, 1).split(head_dim, dim=-1)
-    mask = None  # a whole prompt: plain causal attention
-    if tokens < len(slots):  # the chunk's queries are the last `tokens` positions
-        mask = torch.ones(tokens, len(slots), dtype=torch.bool, device=q.device)
-        mask = mask.tril(len(slots) - tokens)
+    # The chunk's queries are the last `tokens` positions: causal aligned to the bottom right,
+    # which SDPA runs with its fused kernels instead of materialising a mask.
+    mask = causal_lower_right(tokens, len(slots)) if tokens < len(slots) else None
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], key[None], value[None],
                                          attn_mask=mask, is_causal=mask is None,
                                          enable_gqa=True)  # fmt: skip
