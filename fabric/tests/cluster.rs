@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{key, page, start, wait_for, FAILURE};
+use common::{key, options, page, start, start_with, wait_for, FAILURE};
 use pegaflow_fabric::{LinkError, MemberChange};
 use tokio::time::Instant;
 
@@ -199,4 +199,45 @@ async fn wrong_secret_is_refused() {
     assert!(matches!(err, LinkError::Handshake { .. }), "{err}");
     assert!(err.to_string().contains("secret"), "{err}");
     assert_eq!(a.source.active_leases(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialing_a_holder_that_never_handshakes_ends_at_the_fetch_deadline() {
+    // The holder's advertised link accepts connections (the kernel's backlog) but nobody ever
+    // answers the handshake, as with a frozen process: the fetch must end at its own deadline,
+    // not at the link's longer connect and handshake timeouts.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = start("a", &[]).await;
+    let mut held = options("b", "secret", &[a.gossip]);
+    held.link_advertise = Some(silent.local_addr().expect("addr"));
+    assert!(held.link.handshake_timeout > Duration::from_millis(300));
+    let b = start_with(held).await;
+    let keys: Vec<_> = (0..2).map(key).collect();
+    b.fabric.cluster().publish_keys(&keys, &[]);
+    assert!(wait_for(FAILURE * 2, || !a
+        .fabric
+        .cluster()
+        .candidates(&keys)
+        .is_empty())
+    .await
+    .is_some());
+    let outcome = a
+        .fabric
+        .fetch_prefix(
+            &keys,
+            PAGE as u64,
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await;
+    assert!(outcome.pages.is_empty());
+    let failures: Vec<_> = outcome
+        .report
+        .failures
+        .iter()
+        .map(|(node, e)| (node.to_string(), e))
+        .collect();
+    assert!(
+        matches!(failures[..], [(ref node, LinkError::Deadline { pages: 0 })] if node == "b"),
+        "{failures:?}"
+    );
 }
