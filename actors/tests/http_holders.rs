@@ -3,27 +3,14 @@
 
 mod support;
 
-use pegaflow_actors::client::Client;
-use pegaflow_actors::keys::chain_keys;
 use serde_json::{json, Value};
-use support::{node, post, ShmRegion};
+use support::{node, post, three_blocks_saved};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holders_reports_the_exact_leading_blocks_this_node_holds() {
     let (node, _dir) = node(16).await;
-    let region = ShmRegion::new("http-holders", "vllm_lbnhc", 2, 8);
-    let mut client = Client::connect(node.socket_path()).await.expect("connect");
-    let engine = client
-        .register(region.register_request())
-        .await
-        .expect("register");
-    let namespace: [u8; 32] = engine.namespace.clone().try_into().expect("32 bytes");
-    let tokens: Vec<u32> = (0..16 * 4 + 5).collect();
-    let keys = chain_keys(&namespace, &tokens, 16);
-    client
-        .save(engine.engine, &keys[..3], &[0, 1, 2])
-        .await
-        .expect("save");
+    let (namespace, tokens, _keys, _region) =
+        three_blocks_saved(&node, "http-holders", 16 * 4 + 5).await;
     let asked_before = node.context().metrics.lookup_blocks_total.get();
     let name = pegaflow_fabric::local_host_name();
     let ask = |tokens: &[u32], block_size: u32| {

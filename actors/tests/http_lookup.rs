@@ -2,9 +2,7 @@
 
 mod support;
 
-use pegaflow_actors::client::Client;
-use pegaflow_actors::keys::chain_keys;
-use support::{node, post, ShmRegion};
+use support::{node, post, three_blocks_saved};
 
 fn keys_json(keys: &[[u8; 32]]) -> String {
     let hex: Vec<String> = keys.iter().map(hex::encode).collect();
@@ -14,19 +12,8 @@ fn keys_json(keys: &[[u8; 32]]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_counts_the_leading_keys_held_without_touching_lookup_metrics() {
     let (node, _dir) = node(16).await;
-    let region = ShmRegion::new("http-lookup", "vllm_lbnhc", 2, 8);
-    let mut client = Client::connect(node.socket_path()).await.expect("connect");
-    let engine = client
-        .register(region.register_request())
-        .await
-        .expect("register");
-    let namespace: [u8; 32] = engine.namespace.clone().try_into().expect("32 bytes");
-    let tokens: Vec<u32> = (0..16 * 4).collect();
-    let keys = chain_keys(&namespace, &tokens, 16);
-    client
-        .save(engine.engine, &keys[..3], &[0, 1, 2])
-        .await
-        .expect("save");
+    let (_namespace, _tokens, keys, _region) =
+        three_blocks_saved(&node, "http-lookup", 16 * 4).await;
     let asked_before = node.context().metrics.lookup_blocks_total.get();
 
     let (status, body) = post(node.http_addr(), "/api/lookup", &keys_json(&keys)).await;

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{key, options, page, start, start_with, wait_for, FAILURE};
+use common::{key, options, page, start, start_with, wait_for, wait_for_a_holder, FAILURE};
 use pegaflow_fabric::{LinkError, MemberChange};
 use tokio::time::Instant;
 
@@ -124,13 +124,7 @@ async fn killing_the_holder_mid_fetch_fails_fast_and_it_leaves() {
         a.source.insert(*k, page(i as u64, PAGE));
     }
     a.fabric.cluster().publish_keys(&keys, &[]);
-    assert!(wait_for(FAILURE * 2, || !c
-        .fabric
-        .cluster()
-        .candidates(&keys)
-        .is_empty())
-    .await
-    .is_some());
+    wait_for_a_holder(&c, &keys).await;
     let mut changes = c.fabric.cluster().subscribe();
     // A slow pool on a: each chunk lease takes 150 ms, so the fetch is mid-way when a dies.
     a.source.set_delay(Duration::from_millis(150));
@@ -214,13 +208,7 @@ async fn dialing_a_holder_that_never_handshakes_ends_at_the_fetch_deadline() {
     let b = start_with(held).await;
     let keys: Vec<_> = (0..2).map(key).collect();
     b.fabric.cluster().publish_keys(&keys, &[]);
-    assert!(wait_for(FAILURE * 2, || !a
-        .fabric
-        .cluster()
-        .candidates(&keys)
-        .is_empty())
-    .await
-    .is_some());
+    wait_for_a_holder(&a, &keys).await;
     let outcome = a
         .fabric
         .fetch_prefix(

@@ -27,6 +27,32 @@ pub async fn node(pool_mib: u64) -> (RunningNode, tempfile::TempDir) {
     (start(&config).await.expect("node starts"), dir)
 }
 
+/// An engine registered on `node` over a fresh 8-block region named after `tag`, which saved
+/// its first 3 blocks as the first keys of the prompt `0..tokens` (block size 16). Returns the
+/// namespace digest, the prompt's token ids and all its keys; the region lives until dropped.
+pub async fn three_blocks_saved(
+    node: &RunningNode,
+    tag: &str,
+    tokens: u32,
+) -> ([u8; 32], Vec<u32>, Vec<[u8; 32]>, ShmRegion) {
+    let region = ShmRegion::new(tag, "vllm_lbnhc", 2, 8);
+    let mut client = pegaflow_actors::client::Client::connect(node.socket_path())
+        .await
+        .expect("connect");
+    let engine = client
+        .register(region.register_request())
+        .await
+        .expect("register");
+    let namespace: [u8; 32] = engine.namespace.clone().try_into().expect("32 bytes");
+    let tokens: Vec<u32> = (0..tokens).collect();
+    let keys = pegaflow_actors::keys::chain_keys(&namespace, &tokens, 16);
+    client
+        .save(engine.engine, &keys[..3], &[0, 1, 2])
+        .await
+        .expect("save");
+    (namespace, tokens, keys, region)
+}
+
 /// An engine's KV memory in /dev/shm, laid out `vllm_lbnhc` or `kv_split`; unlinked on drop.
 pub struct ShmRegion {
     pub name: String,

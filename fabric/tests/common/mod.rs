@@ -93,3 +93,12 @@ pub async fn wait_for(within: Duration, mut check: impl FnMut() -> bool) -> Opti
     }
     None
 }
+
+/// Waits until `node` sees some peer claim `keys[0]`, within twice the failure window.
+pub async fn wait_for_a_holder(node: &Node, keys: &[BlockKey]) {
+    let seen = wait_for(FAILURE * 2, || {
+        !node.fabric.cluster().candidates(keys).is_empty()
+    })
+    .await;
+    assert!(seen.is_some(), "no peer's digest claims the keys");
+}
