@@ -15,6 +15,7 @@ pub mod layout;
 pub mod metrics;
 pub mod node;
 pub mod otlp;
+pub mod page_crc;
 pub mod peers;
 pub mod pool;
 pub mod protocol;

@@ -13,6 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
+use crate::page_crc::LayerwiseCrcs;
 use crate::pool::OwnerId;
 
 /// Handle of an opened engine region.
@@ -200,7 +201,8 @@ impl<E: DmaEngine> TransferState<E> {
 /// Enqueues every layer (after a wait on the engine's event of that layer when the job names one,
 /// ending a load's layer with its event slot when reserved), tells `queued` (before enqueueing
 /// with a progress board, whose slots it then arms layer by layer; after, without), waits for
-/// the layers in order (observing each one's latency), then checksums a save's pages.
+/// the layers in order (observing each one's latency), and checksums a save's pages (as each
+/// layer lands when the save waited on the engine's events; else once all landed).
 fn run_job<E: DmaEngine>(
     engine: &E,
     arena: &Arena,
@@ -254,42 +256,20 @@ fn run_job<E: DmaEngine>(
             ticket: None,
         });
     }
+    // A save that waited on the engine's events lands layer by layer: checksum as it lands.
+    let layerwise = !job.wait_events.is_empty();
+    let mut crcs = LayerwiseCrcs::new(arena, &job.checksum_pages);
+    let mut absorbed = Ok(());
+    let mut landed = job.layers.iter();
     finish_layers(engine, region, job.direction, layers, |took| {
-        metrics.layer_done(job.direction, took)
-    })?;
-    checksum_pages(arena, &job.checksum_pages)
-}
-
-/// Below this many bytes a save's checksums run on the copy thread; above, spread over cores
-/// (crc32c runs at ~14 GB/s per core, slower than a DMA engine fills pages).
-const PARALLEL_CHECKSUM_BYTES: u64 = 8 << 20;
-
-fn checksum_pages(arena: &Arena, pages: &[(u64, u64)]) -> Result<Vec<u32>, TransferError> {
-    let checksum = |part: &[(u64, u64)]| -> Result<Vec<u32>, TransferError> {
-        part.iter()
-            .map(|&(offset, len)| Ok(crc32c::crc32c(arena.read(offset, len)?)))
-            .collect()
-    };
-    let total: u64 = pages.iter().map(|&(_, len)| len).sum();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if total < PARALLEL_CHECKSUM_BYTES || threads == 1 || pages.len() < 2 {
-        return checksum(pages);
-    }
-    let chunk = pages.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = pages
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || checksum(part)))
-            .collect();
-        let mut crcs = Vec::with_capacity(pages.len());
-        for worker in workers {
-            let part = worker
-                .join()
-                .map_err(|_| TransferError::Worker("checksum thread panicked".into()))??;
-            crcs.extend(part);
+        metrics.layer_done(job.direction, took);
+        let ops = landed.next();
+        if let (true, Some(ops), Ok(())) = (layerwise, ops, &absorbed) {
+            absorbed = crcs.absorb(ops);
         }
-        Ok(crcs)
-    })
+    })?;
+    absorbed?;
+    crcs.finish()
 }
 
 impl<E: DmaEngine> Actor for TransferActor<E> {
@@ -542,5 +522,62 @@ mod tests {
         let mut answer = engine.answer.lock().unwrap().take().expect("receiver");
         let queued = answer.try_recv().expect("answered after enqueueing");
         assert_eq!((queued.event_slots, queued.ticket), (vec![0, 1], None));
+    }
+
+    #[test]
+    fn a_layer_wise_save_checksums_each_page_as_its_layers_land() {
+        const SEGMENT: u64 = 4096;
+        const LAYERS: u64 = 3;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let region_bytes: Vec<u8> = (0..4 * LAYERS * SEGMENT).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("kv"), &region_bytes).expect("region");
+        let arena = Arc::new(Arena::new(4 * LAYERS * SEGMENT, "transfer-crc-test").expect("arena"));
+        let engine =
+            pegaflow_gpu_dma::HostDmaEngine::with_shm_root(arena.clone(), dir.path().into());
+        let region = engine
+            .open_region(&RegionSource::SharedMemory {
+                name: "kv".into(),
+                bytes: region_bytes.len() as u64,
+            })
+            .expect("region");
+        // Blocks 2 and 0 into pages 0 and 3; each page holds its block's layers in order.
+        let page = LAYERS * SEGMENT;
+        let blocks = [(2u64, 0u64), (0, 3)];
+        let job = CopyJob {
+            region: 1,
+            direction: Direction::Save,
+            layers: (0..LAYERS)
+                .map(|layer| {
+                    blocks
+                        .iter()
+                        .map(|&(block, slot)| CopyOp {
+                            region_offset: (layer * 4 + block) * SEGMENT,
+                            arena_offset: slot * page + layer * SEGMENT,
+                            len: SEGMENT,
+                        })
+                        .collect()
+                })
+                .collect(),
+            checksum_pages: blocks
+                .iter()
+                .map(|&(_, slot)| (slot * page, page))
+                .collect(),
+            wait_events: vec![0; LAYERS as usize],
+        };
+        let metrics = Metrics::new().expect("metrics");
+        let crcs = run_job(&engine, &arena, &region, &job, None, None, &metrics).expect("save");
+        let expected: Vec<u32> = blocks
+            .iter()
+            .map(|&(block, _)| {
+                let bytes: Vec<u8> = (0..LAYERS)
+                    .flat_map(|layer| {
+                        let start = ((layer * 4 + block) * SEGMENT) as usize;
+                        region_bytes[start..start + SEGMENT as usize].to_vec()
+                    })
+                    .collect();
+                crc32c::crc32c(&bytes)
+            })
+            .collect();
+        assert_eq!(crcs, expected);
     }
 }
