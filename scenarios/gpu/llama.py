@@ -9,17 +9,27 @@ frequency scaling, which changes neither shapes nor cost.
 Every op depends only on the tokens it is given and the KV it reads, so a step computed over KV
 loaded from PegaFlow is bit-identical to the same step over KV computed locally: the benchmark
 checks exactly that.
+
+On a GPU, short chunks (a prompt's tail after a cache hit) run as vLLM runs them: each layer's
+work before and after attention replays a CUDA graph captured once per chunk length, while
+attention and the connector's per-layer hooks stay eager between the two (vLLM's piecewise
+graphs). Every pass runs the same chunk the same way, so outputs stay bit-identical.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 DTYPE = torch.bfloat16
+#: Chunks up to this many tokens run as piecewise CUDA graphs on a GPU (one capture per length).
+GRAPH_MAX_TOKENS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +116,7 @@ class Llama:
         self.lm_head = matrix(config.hidden, config.vocab)
         half = torch.arange(0, config.head_dim, 2, device=device, dtype=torch.float32)
         self.inv_freq = config.rope_theta ** (-half / config.head_dim)
+        self._graphs: dict[int, PiecewiseGraphs] = {}
 
     def forward(
         self,
@@ -117,25 +128,44 @@ class Llama:
         """Runs the prompt's tokens `[len(slots) - len(token_ids), len(slots))` and returns the
         last one's final hidden state. `slots[p]` is where token `p`'s KV lives in the paged
         cache; the tokens before the chunk must already be there."""
-        config = self.config
         tokens = len(token_ids)
         start = len(slots) - tokens
         cos, sin = self._rope(start, start + tokens)
         x = self.embed[token_ids]
+        if self.device.type == "cuda" and tokens <= GRAPH_MAX_TOKENS:
+            graphs = self._graphs.get(tokens)
+            if graphs is None:
+                graphs = self._graphs[tokens] = PiecewiseGraphs(self, x, cos, sin)
+            x = graphs.run(x, cos, sin, kv_caches, slots, hooks)
+        else:
+            for index, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+                hooks.layer_start(index)
+                q, k, v = self.before_attention(layer, x, cos, sin)
+                hooks.before_attention(index)
+                attention = paged_attention(cache, slots, q, k, v)
+                hooks.after_attention(index)
+                x = self.after_attention(layer, x, attention)
+                hooks.layer_end(index)
+        return rms_norm(x[-1:], self.final_norm, self.config.rms_eps)[0]
+
+    def before_attention(
+        self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's norm, Q/K/V projection and rotary embedding."""
+        config = self.config
         split = [config.num_heads, config.num_kv_heads, config.num_kv_heads]
-        for index, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            hooks.layer_start(index)
-            qkv = rms_norm(x, layer.attn_norm, config.rms_eps) @ layer.wqkv
-            q, k, v = qkv.view(tokens, -1, config.head_dim).split(split, dim=1)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            hooks.before_attention(index)
-            attention = paged_attention(cache, slots, q, k, v)
-            hooks.after_attention(index)
-            x = x + attention.reshape(tokens, -1) @ layer.wo
-            gate, up = (rms_norm(x, layer.mlp_norm, config.rms_eps) @ layer.w_gate_up).chunk(2, -1)
-            x = x + (F.silu(gate) * up) @ layer.w_down
-            hooks.layer_end(index)
-        return rms_norm(x[-1:], self.final_norm, config.rms_eps)[0]
+        qkv = rms_norm(x, layer.attn_norm, config.rms_eps) @ layer.wqkv
+        q, k, v = qkv.view(len(x), -1, config.head_dim).split(split, dim=1)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def after_attention(
+        self, layer: Layer, x: torch.Tensor, attention: torch.Tensor
+    ) -> torch.Tensor:
+        """A layer's output projection, residuals and MLP."""
+        config = self.config
+        x = x + attention.reshape(len(x), -1) @ layer.wo
+        gate, up = (rms_norm(x, layer.mlp_norm, config.rms_eps) @ layer.w_gate_up).chunk(2, -1)
+        return x + (F.silu(gate) * up) @ layer.w_down
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.lm_head
@@ -144,6 +174,72 @@ class Llama:
         positions = torch.arange(start, end, device=self.device, dtype=torch.float32)
         angles = torch.outer(positions, self.inv_freq)[:, None, :]  # (tokens, 1, head_dim / 2)
         return angles.cos(), angles.sin()
+
+
+class PiecewiseGraphs:
+    """Per layer, a CUDA graph of the work before attention and one of the work after it, for
+    one chunk length, over static input and output buffers (captured on first use)."""
+
+    def __init__(self, model: Llama, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.x, self.cos, self.sin = x.clone(), cos.clone(), sin.clone()
+        pool = torch.cuda.graph_pool_handle()
+        self.before: list[tuple[torch.cuda.CUDAGraph, Any]] = []
+        self.after: list[tuple[torch.cuda.CUDAGraph, Any]] = []
+        config = model.config
+        self.attention = torch.zeros(len(x), config.num_heads, config.head_dim, dtype=x.dtype,
+                                     device=x.device)  # fmt: skip
+        for layer in model.layers:
+            self.before.append(
+                capture(
+                    pool,
+                    functools.partial(model.before_attention, layer, self.x, self.cos, self.sin),
+                )
+            )
+            self.after.append(
+                capture(
+                    pool, functools.partial(model.after_attention, layer, self.x, self.attention)
+                )
+            )
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        slots: torch.Tensor,
+        hooks: LayerHooks,
+    ) -> torch.Tensor:
+        """The layers over `x`, attention and hooks eager between the graphs."""
+        self.x.copy_(x)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        for index, cache in enumerate(kv_caches):
+            hooks.layer_start(index)
+            graph, (q, k, v) = self.before[index]
+            graph.replay()
+            hooks.before_attention(index)
+            self.attention.copy_(paged_attention(cache, slots, q, k, v))
+            hooks.after_attention(index)
+            graph, out = self.after[index]
+            graph.replay()
+            self.x.copy_(out)
+            hooks.layer_end(index)
+        return self.x.clone()
+
+
+def capture(pool: tuple[int, int], work: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """`work` captured as a graph after one eager warm-up run on a side stream (cuBLAS sets up
+    its handles and workspaces outside capture); returns the graph and its output tensors."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        work()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = work()
+    return graph, out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
