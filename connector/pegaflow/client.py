@@ -4,7 +4,9 @@ Any number of threads call one `Client` at once: requests go out under one write
 reader thread per connection matches replies to `Future`s by `id`, so replies may arrive in any
 order and a slow `load` never holds back a `lookup`. Registration is per connection on the node,
 so after a reconnect the client registers every engine again and maps each `Engine` handle to
-its new id; callers keep using the same handle.
+its new id; callers keep using the same handle. Requests in flight when a connection drops fail
+with `ConnectionLost`; one that could not even be written (the node went away before this client
+noticed) is sent again once, on the new connection.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from .protocol import DEFAULT_MAX_FRAME_BYTES, HEADER, PROTOCOL_VERSION, encode_
 log = logging.getLogger(__name__)
 
 Reply = dict[str, Any]
+
+
+class _Unsent(ConnectionLost):
+    """The request never left this process: the connection was dead before or while it was
+    written, so the node never saw it and it may be sent again on a new connection."""
 
 
 @dataclass(frozen=True)
@@ -126,15 +133,17 @@ class _Connection:
         future: concurrent.futures.Future[Reply] = concurrent.futures.Future()
         with self._lock:
             if self._failure is not None:
-                error_type, reason = self._failure
-                future.set_exception(error_type(f"{op}: {reason}"))
+                future.set_exception(_Unsent(f"{op}: {self._failure[1]}"))
                 return future
             self._pending[request_id] = (op, future)
         with self._write_lock:
             try:
                 self.sock.sendall(frame)
             except OSError as exc:
+                with self._lock:
+                    self._pending.pop(request_id, None)
                 self.fail(ConnectionLost, f"sending to pegaflow-node failed: {exc}")
+                future.set_exception(_Unsent(f"{op}: sending to pegaflow-node failed: {exc}"))
         return future
 
     def forget(self, future: concurrent.futures.Future[Reply]) -> None:
@@ -246,8 +255,16 @@ class Client:
         of 32-byte keys. Error replies fail the future with NodeError.
         """
         conn = self._connection()
-        wire = {name: self._wire_value(conn, name, value) for name, value in fields.items()}
-        return conn.send(op, wire)
+        future = conn.send(op, self._wire_fields(conn, fields))
+        if future.done() and isinstance(future.exception(), _Unsent):
+            # The node closed the connection before this client noticed (a restart): the
+            # request never reached it, so it goes again once, on the new connection.
+            conn = self._connection()
+            future = conn.send(op, self._wire_fields(conn, fields))
+        return future
+
+    def _wire_fields(self, conn: _Connection, fields: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: self._wire_value(conn, name, value) for name, value in fields.items()}
 
     def hello(self) -> Reply:
         return self._call("hello", client=self.client_name)
