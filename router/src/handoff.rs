@@ -107,7 +107,7 @@ async fn held(
     deadline: Instant,
 ) -> Result<bool, UpstreamError> {
     let body = Bytes::from(json!({ "keys": rank.keys }).to_string());
-    let answer = upstream
+    let answer: Value = upstream
         .post_json(node, "/api/lookup", body, deadline)
         .await?;
     let hits = answer

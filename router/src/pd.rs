@@ -353,7 +353,7 @@ impl PdRouter {
             async move {
                 let url = &in_flight.backend.url;
                 let until = Instant::now() + self.prefill_timeout;
-                let answer = self
+                let answer: Value = self
                     .upstream
                     .post_json(url, endpoint.path(), body, until)
                     .await?;

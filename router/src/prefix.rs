@@ -226,8 +226,7 @@ impl PrefixChoice {
     ) -> Result<HashMap<String, u32>, NoChoice> {
         let body = json!({"namespace": space.namespace, "block_size": space.block_size,
                           "tokens": tokens});
-        let failed = |error: String| NoChoice::Failed(format!("node {}: {error}", self.node));
-        let answer = upstream
+        let holders: Holders = upstream
             .post_json(
                 &self.node,
                 "/api/holders",
@@ -235,8 +234,7 @@ impl PrefixChoice {
                 deadline,
             )
             .await
-            .map_err(|error| failed(error.to_string()))?;
-        let holders = Holders::deserialize(&answer).map_err(|error| failed(error.to_string()))?;
+            .map_err(|error| NoChoice::Failed(format!("node {}: {error}", self.node)))?;
         Ok(holders
             .holders
             .into_iter()
@@ -253,8 +251,7 @@ async fn tokenize(
     deadline: Instant,
 ) -> Result<Vec<u32>, NoChoice> {
     let (_, backend) = prefill.least_loaded(&[]).ok_or(NoChoice::Unknown)?;
-    let failed = |error: String| NoChoice::Failed(format!("tokenize on {}: {error}", backend.url));
-    let answer = upstream
+    let tokenized: Tokenized = upstream
         .post_json(
             &backend.url,
             "/tokenize",
@@ -262,8 +259,7 @@ async fn tokenize(
             deadline,
         )
         .await
-        .map_err(|error| failed(error.to_string()))?;
-    let tokenized = Tokenized::deserialize(&answer).map_err(|error| failed(error.to_string()))?;
+        .map_err(|error| NoChoice::Failed(format!("tokenize on {}: {error}", backend.url)))?;
     Ok(tokenized.tokens)
 }
 

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::BaseUrl;
@@ -90,14 +90,15 @@ impl Upstream {
         }
     }
 
-    /// POSTs a JSON body and reads a 2xx JSON answer, all before `deadline`.
-    pub async fn post_json(
+    /// POSTs a JSON body and reads a 2xx JSON answer as `T` (`Value` for any JSON), all before
+    /// `deadline`; an answer of another shape is a `BadAnswer`.
+    pub async fn post_json<T: DeserializeOwned>(
         &self,
         base: &BaseUrl,
         path: &str,
         body: Bytes,
         deadline: Instant,
-    ) -> Result<Value, UpstreamError> {
+    ) -> Result<T, UpstreamError> {
         let response = self.post(base, path, body, deadline).await?;
         let status = response.status();
         let bytes = read_body(response.into_body(), deadline).await?;
