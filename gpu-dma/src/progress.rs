@@ -35,14 +35,18 @@ pub struct ProgressBoard {
 }
 
 impl ProgressBoard {
-    /// Maps the shared-memory object `name`, which must hold at least one word per slot.
+    /// Maps the shared-memory object `name`, which must hold at least one word per slot, and
+    /// clears it: tickets count from 1 per registration, so a board registered again after a
+    /// node restart must not show the previous node's tickets as recorded.
     pub fn open(name: &str, slots: u32) -> Result<ProgressBoard, DmaError> {
         Self::open_in(Path::new(DEFAULT_SHM_ROOT), name, slots)
     }
 
     fn open_in(root: &Path, name: &str, slots: u32) -> Result<ProgressBoard, DmaError> {
         let words = HostRegion::open(root, name, u64::from(slots) * WORD_BYTES)?;
-        Ok(ProgressBoard { words, slots })
+        let board = ProgressBoard { words, slots };
+        (0..slots).for_each(|slot| board.store(slot, 0));
+        Ok(board)
     }
 
     /// Says that the load `ticket` recorded `slot`'s event.
@@ -101,6 +105,14 @@ mod tests {
         );
         let bytes = std::fs::read(dir.path().join("board")).expect("read back");
         assert_eq!(bytes[8..16], 7u64.to_le_bytes());
+    }
+
+    #[test]
+    fn opening_clears_an_earlier_registrations_tickets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("board"), [0xff; 16]).expect("stale board");
+        let board = ProgressBoard::open_in(dir.path(), "board", 2).expect("open");
+        assert_eq!([board.read(0), board.read(1)], [Some(0), Some(0)]);
     }
 
     #[test]
