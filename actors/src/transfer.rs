@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use pegaflow_gpu_dma::{
-    enqueue_layers, finish_layers, Arena, CopyOp, Direction, DmaEngine, DmaError, EventRing,
-    ProgressBoard, RegionSource,
+    enqueue_layers, finish_layers, Arena, CopyOp, Direction, DmaEngine, DmaError, EnqueuedLayer,
+    EventRing, ProgressBoard, RegionSource,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
@@ -198,11 +198,8 @@ impl<E: DmaEngine> TransferState<E> {
     }
 }
 
-/// Enqueues every layer (after a wait on the engine's event of that layer when the job names one,
-/// ending a load's layer with its event slot when reserved), tells `queued` (before enqueueing
-/// with a progress board, whose slots it then arms layer by layer; after, without), waits for
-/// the layers in order (observing each one's latency), and checksums a save's pages (as each
-/// layer lands when the save waited on the engine's events; else once all landed).
+/// Runs one job: enqueues its layers (answering a load's `queued` as early as is safe), then
+/// waits for them and checksums a save's pages.
 fn run_job<E: DmaEngine>(
     engine: &E,
     arena: &Arena,
@@ -212,16 +209,34 @@ fn run_job<E: DmaEngine>(
     queued: Option<oneshot::Sender<QueuedLoad>>,
     metrics: &Metrics,
 ) -> Result<Vec<u32>, TransferError> {
+    let layers = enqueue_answering(engine, region, job, reserved, queued)?;
+    finish_checksumming(engine, arena, region, job, layers, metrics)
+}
+
+/// Enqueues every layer (after a wait on the engine's event of that layer when the job names one,
+/// ending a load's layer with its event slot when reserved) and tells `queued`: before
+/// enqueueing with a progress board, whose slots it then arms layer by layer (and marks failed
+/// from the first layer it could not enqueue); after enqueueing without one.
+fn enqueue_answering<E: DmaEngine>(
+    engine: &E,
+    region: &E::Region,
+    job: &CopyJob,
+    reserved: Option<&Reservation>,
+    queued: Option<oneshot::Sender<QueuedLoad>>,
+) -> Result<Vec<EnqueuedLayer<E::LayerEnd>>, TransferError> {
     let slots = reserved.map_or(&[][..], |r| &r.slots);
     let board = reserved.and_then(|r| r.board.as_ref());
+    let answer = |queued: oneshot::Sender<QueuedLoad>, ticket| {
+        // The caller may have stopped waiting (its session ended); the copies still complete.
+        let _ = queued.send(QueuedLoad {
+            event_slots: slots.to_vec(),
+            ticket,
+        });
+    };
     let mut queued = queued.filter(|_| !slots.is_empty());
     if let Some((_, ticket)) = board {
         if let Some(early) = queued.take() {
-            // The caller may have stopped waiting (its session ended); the copies still complete.
-            let _ = early.send(QueuedLoad {
-                event_slots: slots.to_vec(),
-                ticket: Some(*ticket),
-            });
+            answer(early, Some(*ticket));
         }
     }
     let mut armed = 0;
@@ -239,32 +254,37 @@ fn run_job<E: DmaEngine>(
             armed = layer + 1;
         },
     );
-    let layers = match enqueued {
-        Ok(layers) => layers,
-        Err(error) => {
-            if let Some((board, ticket)) = board {
-                slots[armed..]
-                    .iter()
-                    .for_each(|&slot| board.fail(slot, *ticket));
-            }
-            return Err(error.into());
-        }
-    };
-    if let Some(queued) = queued {
-        let _ = queued.send(QueuedLoad {
-            event_slots: slots.to_vec(),
-            ticket: None,
-        });
+    if let (Err(_), Some((board, ticket))) = (&enqueued, board) {
+        slots[armed..]
+            .iter()
+            .for_each(|&slot| board.fail(slot, *ticket));
     }
-    // A save that waited on the engine's events lands layer by layer: checksum as it lands.
+    let layers = enqueued?;
+    if let Some(queued) = queued {
+        answer(queued, None);
+    }
+    Ok(layers)
+}
+
+/// Waits for the layers in order (observing each one's latency) and returns the crc32c of a
+/// save's pages: checksummed as each layer lands when the save waited on the engine's events
+/// (its layers land while the engine still computes), else once all landed.
+fn finish_checksumming<E: DmaEngine>(
+    engine: &E,
+    arena: &Arena,
+    region: &E::Region,
+    job: &CopyJob,
+    layers: Vec<EnqueuedLayer<E::LayerEnd>>,
+    metrics: &Metrics,
+) -> Result<Vec<u32>, TransferError> {
     let layerwise = !job.wait_events.is_empty();
     let mut crcs = LayerwiseCrcs::new(arena, &job.checksum_pages);
+    let mut landed = job.layers.iter().filter(|_| layerwise);
     let mut absorbed = Ok(());
-    let mut landed = job.layers.iter();
     finish_layers(engine, region, job.direction, layers, |took| {
         metrics.layer_done(job.direction, took);
-        let ops = landed.next();
-        if let (true, Some(ops), Ok(())) = (layerwise, ops, &absorbed) {
+        // `landed` advances with every layer, so it stays in step with the layers waited for.
+        if let (Some(ops), Ok(())) = (landed.next(), &absorbed) {
             absorbed = crcs.absorb(ops);
         }
     })?;
