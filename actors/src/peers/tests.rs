@@ -15,7 +15,7 @@ use prometheus::Registry;
 use ractor::{Actor, ActorRef};
 use tokio::io::AsyncWriteExt;
 
-use super::{FabricMetrics, Peers};
+use super::{FabricMetrics, FetchSummary, Peers};
 use crate::context::ask;
 use crate::keys::BlockKey;
 use crate::metrics::Metrics;
@@ -124,6 +124,25 @@ async fn claimed(node: &Node, keys: &[BlockKey]) {
         .expect("the holder's digest reaches the node");
 }
 
+/// A node that saw the holder (its link served from `source`, or the fake peer at `link`)
+/// claim `keys`, and what fetching them into its pool gave; the holder comes back too, to keep
+/// it alive.
+async fn fetch_from_holder(
+    source: MemorySource,
+    keys: &[BlockKey],
+    link: Option<SocketAddr>,
+) -> (Node, FetchSummary, Fabric) {
+    let (holder, seed) = holder(source, keys, link).await;
+    let node = node(seed).await;
+    claimed(&node, keys).await;
+    let summary = node
+        .peers
+        .fetch_into_pool(keys, PAGE as u64)
+        .await
+        .expect("fetch");
+    (node, summary, holder)
+}
+
 /// Checks the pool holds exactly `want` pages, the first keys' with their bytes and the
 /// crc32c of those bytes, and that no reservation is left.
 async fn assert_pool_holds(node: &Node, keys: &[BlockKey], want: usize) {
@@ -166,15 +185,7 @@ async fn a_corrupt_page_read_in_place_is_not_committed() {
     }
     // Page 2's bytes are written into its extent before its checksum is known to fail.
     source.insert_with_crc(keys[2], page(2).into(), crc32c::crc32c(&page(2)) ^ 1);
-    let (_holder, seed) = holder(source.clone(), &keys, None).await;
-    let node = node(seed).await;
-    claimed(&node, &keys).await;
-
-    let summary = node
-        .peers
-        .fetch_into_pool(&keys, PAGE as u64)
-        .await
-        .expect("fetch");
+    let (node, summary, _holder) = fetch_from_holder(source.clone(), &keys, None).await;
     assert_eq!(summary.stored, 2, "the pages before the corrupt one");
     assert_eq!(summary.failures, 1);
     assert_pool_holds(&node, &keys, 2).await;
@@ -225,15 +236,7 @@ async fn dying_link() -> SocketAddr {
 async fn a_peer_dying_mid_page_leaves_that_extent_uncommitted() {
     let keys: Vec<_> = (0..4).map(key).collect();
     let link = dying_link().await;
-    let (_holder, seed) = holder(MemorySource::new(), &keys, Some(link)).await;
-    let node = node(seed).await;
-    claimed(&node, &keys).await;
-
-    let summary = node
-        .peers
-        .fetch_into_pool(&keys, PAGE as u64)
-        .await
-        .expect("fetch");
+    let (node, summary, _holder) = fetch_from_holder(MemorySource::new(), &keys, Some(link)).await;
     assert_eq!(summary.stored, 1, "only the page that arrived whole");
     assert_eq!(summary.failures, 1);
     assert_pool_holds(&node, &keys, 1).await;
