@@ -313,6 +313,16 @@ mod tests {
         out
     }
 
+    /// One page frame of 100 bytes, for the truncation tests.
+    async fn page_wire() -> Vec<u8> {
+        let header = Message::Page {
+            request: 1,
+            index: 0,
+            crc32c: 0,
+        };
+        encode(&header, &[1; 100]).await
+    }
+
     #[tokio::test]
     async fn page_round_trips_with_its_payload() {
         let page = vec![7u8; 5000];
@@ -389,15 +399,7 @@ mod tests {
 
     #[tokio::test]
     async fn streamed_frames_refuse_what_whole_frames_refuse() {
-        let wire = encode(
-            &Message::Page {
-                request: 1,
-                index: 0,
-                crc32c: 0,
-            },
-            &[1; 100],
-        )
-        .await;
+        let wire = page_wire().await;
         // Cut in the prefix, in the header, and in the page bytes.
         for cut in [2, 6, wire.len() - 1] {
             let err = stream(&wire[..cut], 3).await.expect_err("truncated");
@@ -451,15 +453,7 @@ mod tests {
 
     #[tokio::test]
     async fn truncated_frames_are_errors() {
-        let wire = encode(
-            &Message::Page {
-                request: 1,
-                index: 0,
-                crc32c: 0,
-            },
-            &[1; 100],
-        )
-        .await;
+        let wire = page_wire().await;
         for cut in [2, 10, wire.len() - 1] {
             let err = read_frame(&mut &wire[..cut], MAX)
                 .await
