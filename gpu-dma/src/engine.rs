@@ -114,6 +114,19 @@ pub trait DmaEngine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Called once per job, before its first copy, in the order the node received the jobs.
+    /// A load's copies into `region` then start only after every save of `region` enqueued
+    /// before it has read its blocks: the engine may hand a saved block to another request as
+    /// soon as the save was queued (docs/protocol.md, `answer_when_queued`), and that request's
+    /// load must not overwrite it while the save still reads it. The CUDA engine makes the load
+    /// stream wait on the event its saves record after each layer; a wait, never a block.
+    ///
+    /// The default does nothing: the host engine's saves are done before they are answered.
+    fn begin_job(&self, region: &Self::Region, direction: Direction) -> Result<(), DmaError> {
+        let _ = (region, direction);
+        Ok(())
+    }
+
     /// Makes the copies of a save enqueued after this call wait until the engine's event `slot`
     /// (one of the `engine_events` the region was opened with) has fired: the CUDA engine issues
     /// `cuStreamWaitEvent` on the save stream, so the engine records an event after writing a

@@ -280,13 +280,13 @@ impl Lane {
     }
 
     /// Makes everything enqueued on the lane after this wait for `event` (a save waiting on the
-    /// engine's per-layer event), GPU-side.
+    /// engine's per-layer event, a load on the region's earlier saves), GPU-side.
     pub(crate) fn wait(&self, event: sys::CUevent) -> Result<(), DmaError> {
         bind(&self.ctx)?;
         // SAFETY: the caller passes a live event (opened in this context); the stream is live.
         check(
             unsafe { sys::cuStreamWaitEvent(self.stream.cu_stream(), event, 0) },
-            || "cuStreamWaitEvent (engine event)".into(),
+            || "cuStreamWaitEvent (copy lane)".into(),
         )
     }
 

@@ -538,6 +538,9 @@ impl DmaEngine for CudaDmaEngine {
             }
             None => End::Own(lane.mark()?),
         };
+        if direction == Direction::Save {
+            lane.record(region.saves_queued.raw())?;
+        }
         Ok(CudaLayerEnd(end))
     }
 
@@ -552,6 +555,13 @@ impl DmaEngine for CudaDmaEngine {
 
     fn finish(&self, _region: &CudaRegion, direction: Direction) -> Result<(), DmaError> {
         self.lane(direction).synchronize()
+    }
+
+    fn begin_job(&self, region: &CudaRegion, direction: Direction) -> Result<(), DmaError> {
+        match direction {
+            Direction::Load => self.load.wait(region.saves_queued.raw()),
+            Direction::Save => Ok(()),
+        }
     }
 
     fn wait_engine_event(&self, region: &CudaRegion, slot: u32) -> Result<(), DmaError> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cudarc::driver::{result, sys, CudaContext};
 
 use crate::cuda::driver::{bind, check, cuda_err};
-use crate::cuda::events::{EngineEvents, LayerEvents, EVENT_RING_SLOTS};
+use crate::cuda::events::{EngineEvents, LayerEvents, OwnedEvent, EVENT_RING_SLOTS};
 use crate::error::DmaError;
 
 /// Where a region's bytes come from; released on drop.
@@ -32,6 +32,9 @@ pub struct CudaRegion {
     bytes: u64,
     pub(crate) events: LayerEvents,
     pub(crate) engine_events: EngineEvents,
+    /// Recorded on the save stream after each save layer's copies: a load into the region waits
+    /// on it first, so it never overwrites a block an earlier save still reads.
+    pub(crate) saves_queued: OwnedEvent,
 }
 
 // SAFETY: the device pointers are plain addresses owned by this value; driver calls on them are
@@ -85,6 +88,7 @@ impl CudaRegion {
             bytes,
             events: LayerEvents::new(ctx, 0)?,
             engine_events: EngineEvents::open(ctx, &[])?,
+            saves_queued: OwnedEvent::new(ctx)?,
         };
         let (mut block, mut size) = (0, 0usize);
         // SAFETY: `base` is a live mapping; writes its allocation's base and size.
@@ -144,6 +148,7 @@ impl CudaRegion {
             bytes,
             events: LayerEvents::new(ctx, 0)?,
             engine_events: EngineEvents::open(ctx, &[])?,
+            saves_queued: OwnedEvent::new(ctx)?,
         };
         region.events = LayerEvents::new(ctx, EVENT_RING_SLOTS)?;
         Ok(region)
