@@ -145,5 +145,6 @@ fn blocks(engine: u32, keys: &[BlockKey], block_ids: &[u32]) -> BlocksRequest {
         block_ids: block_ids.to_vec(),
         persist: false,
         after_events: Vec::new(),
+        answer_when_queued: false,
     }
 }

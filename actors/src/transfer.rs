@@ -57,11 +57,11 @@ pub struct OpenedRegion {
     pub event_handles: Vec<[u8; 64]>,
 }
 
-/// What a load's engine may wait on before the copies are done: the event slot each layer
-/// ends with, and with a progress board the ticket the board shows once a slot is recorded.
-/// The default is a load answered once its copies are done: nothing to wait on.
+/// What an engine may wait on before a job's copies are done: the event slot each layer ends
+/// with, and for a load with a progress board the ticket the board shows once a slot is
+/// recorded. The default is a job answered once its copies are done: nothing to wait on.
 #[derive(Debug, Default)]
-pub struct QueuedLoad {
+pub struct QueuedCopy {
     pub event_slots: Vec<u32>,
     /// `Some` when the engine has a progress board: then this comes before any layer is
     /// enqueued, and each slot is usable once the board shows the ticket.
@@ -80,14 +80,14 @@ pub enum TransferMsg {
     },
     /// Closes every region of a session that ended.
     CloseOwner { owner: OwnerId },
-    /// Runs a copy job. For a load on an engine with events, `queued` receives the event slot
-    /// of each layer before the copies finish, so the engine can wait on them GPU-side: at once
-    /// with a ticket when the engine has a progress board, else once every layer's copy and
-    /// event are enqueued; `reply` comes when the copies are done, with one crc32c per entry of
-    /// `checksum_pages`.
+    /// Runs a copy job. Given `queued`, on an engine with events, it receives the event slot
+    /// of each layer before the copies finish, so the engine can wait on them GPU-side: for a
+    /// load with a progress board at once with a ticket, else once every layer's copy and event
+    /// are enqueued; without events `queued` is dropped unanswered. `reply` comes when the
+    /// copies are done, with one crc32c per entry of `checksum_pages`.
     Copy {
         job: CopyJob,
-        queued: Option<oneshot::Sender<QueuedLoad>>,
+        queued: Option<oneshot::Sender<QueuedCopy>>,
         reply: RpcReplyPort<Result<Vec<u32>, TransferError>>,
     },
     /// A job finished; its event slots may be handed out again.
@@ -110,13 +110,13 @@ impl<E: DmaEngine> Default for TransferActor<E> {
 struct Opened<R> {
     owner: OwnerId,
     region: Arc<R>,
-    /// Which event slots are in use by loads in flight; `None` without events.
+    /// Which event slots are in use by jobs in flight; `None` without events.
     ring: Option<EventRing>,
     /// The engine's load progress board, with the ticket of its next load.
     progress: Option<(Arc<ProgressBoard>, u64)>,
 }
 
-/// A load's event slots, and its board and ticket when the engine has a board.
+/// A job's event slots, and a load's board and ticket when the engine has a board.
 struct Reservation {
     first: u32,
     slots: Vec<u32>,
@@ -175,21 +175,21 @@ impl<E: DmaEngine> TransferState<E> {
         Ok(OpenedRegion { id, event_handles })
     }
 
-    /// Event slots (and the next ticket) for a load's layers, when the region has events and
-    /// the ring has room; a load without them is answered only once its copies are done.
+    /// Event slots for a job's layers (and a load's next ticket), when the region has events
+    /// and the ring has room; a job without them is answered only once its copies are done.
     fn reserve_slots(&mut self, job: &CopyJob) -> Option<Reservation> {
-        if job.direction != Direction::Load {
-            return None;
-        }
         let opened = self.regions.get_mut(&job.region)?;
         let ring = opened.ring.as_mut()?;
         let layers = job.layers.len() as u32;
         let first = ring.reserve(layers)?;
         let slots = (0..layers).map(|l| ring.slot(first, l)).collect();
-        let board = opened.progress.as_mut().map(|(board, next)| {
-            *next += 1;
-            (board.clone(), *next - 1)
-        });
+        let progress = opened.progress.as_mut();
+        let board = progress
+            .filter(|_| job.direction == Direction::Load)
+            .map(|(board, next)| {
+                *next += 1;
+                (board.clone(), *next - 1)
+            });
         Some(Reservation {
             first,
             slots,
@@ -198,15 +198,15 @@ impl<E: DmaEngine> TransferState<E> {
     }
 }
 
-/// Runs one job: enqueues its layers (answering a load's `queued` as early as is safe), then
-/// waits for them and checksums a save's pages.
+/// Runs one job: enqueues its layers (answering `queued` as early as is safe), then waits for
+/// them and checksums a save's pages.
 fn run_job<E: DmaEngine>(
     engine: &E,
     arena: &Arena,
     region: &E::Region,
     job: &CopyJob,
     reserved: Option<&Reservation>,
-    queued: Option<oneshot::Sender<QueuedLoad>>,
+    queued: Option<oneshot::Sender<QueuedCopy>>,
     metrics: &Metrics,
 ) -> Result<Vec<u32>, TransferError> {
     let layers = enqueue_answering(engine, region, job, reserved, queued)?;
@@ -214,21 +214,21 @@ fn run_job<E: DmaEngine>(
 }
 
 /// Enqueues every layer (after a wait on the engine's event of that layer when the job names one,
-/// ending a load's layer with its event slot when reserved) and tells `queued`: before
-/// enqueueing with a progress board, whose slots it then arms layer by layer (and marks failed
+/// ending each layer with its event slot when reserved) and tells `queued`: before
+/// enqueueing a load with a progress board, whose slots it then arms layer by layer (and marks failed
 /// from the first layer it could not enqueue); after enqueueing without one.
 fn enqueue_answering<E: DmaEngine>(
     engine: &E,
     region: &E::Region,
     job: &CopyJob,
     reserved: Option<&Reservation>,
-    queued: Option<oneshot::Sender<QueuedLoad>>,
+    queued: Option<oneshot::Sender<QueuedCopy>>,
 ) -> Result<Vec<EnqueuedLayer<E::LayerEnd>>, TransferError> {
     let slots = reserved.map_or(&[][..], |r| &r.slots);
     let board = reserved.and_then(|r| r.board.as_ref());
-    let answer = |queued: oneshot::Sender<QueuedLoad>, ticket| {
+    let answer = |queued: oneshot::Sender<QueuedCopy>, ticket| {
         // The caller may have stopped waiting (its session ended); the copies still complete.
-        let _ = queued.send(QueuedLoad {
+        let _ = queued.send(QueuedCopy {
             event_slots: slots.to_vec(),
             ticket,
         });
@@ -328,7 +328,11 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                     drop(reply.send(Err(TransferError::UnknownRegion(job.region))));
                     return Ok(());
                 };
-                let reserved = state.reserve_slots(&job);
+                if let Err(error) = state.engine.begin_job(&region, job.direction) {
+                    drop(reply.send(Err(error.into())));
+                    return Ok(());
+                }
+                let reserved = queued.as_ref().and_then(|_| state.reserve_slots(&job));
                 let engine = state.engine.clone();
                 let arena = state.arena.clone();
                 let metrics = state.metrics.clone();
@@ -393,14 +397,14 @@ mod tests {
     /// A copy engine with layer events that notes, at each copy, whether the load was already
     /// answered, and fails the end of layer `fail_at`.
     struct Evented {
-        answer: Mutex<Option<oneshot::Receiver<QueuedLoad>>>,
+        answer: Mutex<Option<oneshot::Receiver<QueuedCopy>>>,
         answered_at_copy: Mutex<Vec<bool>>,
         fail_at: Option<usize>,
         ends: Mutex<usize>,
     }
 
     impl Evented {
-        fn new(answer: oneshot::Receiver<QueuedLoad>, fail_at: Option<usize>) -> Self {
+        fn new(answer: oneshot::Receiver<QueuedCopy>, fail_at: Option<usize>) -> Self {
             Self {
                 answer: Mutex::new(Some(answer)),
                 answered_at_copy: Mutex::new(Vec::new()),
@@ -480,7 +484,7 @@ mod tests {
         }
     }
 
-    fn run(engine: &Evented, reserved: &Reservation, answer: oneshot::Sender<QueuedLoad>) -> bool {
+    fn run(engine: &Evented, reserved: &Reservation, answer: oneshot::Sender<QueuedCopy>) -> bool {
         let arena = Arena::new(4096, "transfer-test").expect("arena");
         let metrics = Metrics::new().expect("metrics");
         let job = load_job(reserved.slots.len());
@@ -599,5 +603,173 @@ mod tests {
             })
             .collect();
         assert_eq!(crcs, expected);
+    }
+
+    /// A copy engine with a ring of 8 layer events that journals the calls it gets.
+    #[derive(Default)]
+    struct Journal {
+        calls: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Journal {
+        fn log(&self, direction: Direction, call: &str) {
+            let call = format!("{direction:?} {call}");
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    impl DmaEngine for Journal {
+        type Region = ();
+        type LayerEnd = ();
+
+        fn name(&self) -> &'static str {
+            "journal"
+        }
+
+        fn open_region(&self, _: &RegionSource) -> Result<(), DmaError> {
+            Ok(())
+        }
+
+        fn copy_layer(&self, _: &(), direction: Direction, _: &[CopyOp]) -> Result<(), DmaError> {
+            self.log(direction, "copy");
+            Ok(())
+        }
+
+        fn end_layer(
+            &self,
+            _: &(),
+            direction: Direction,
+            slot: Option<u32>,
+        ) -> Result<(), DmaError> {
+            self.log(direction, &format!("end {slot:?}"));
+            Ok(())
+        }
+
+        fn wait_layer(&self, _: &(), _: ()) -> Result<std::time::Instant, DmaError> {
+            Ok(std::time::Instant::now())
+        }
+
+        fn begin_job(&self, _: &(), direction: Direction) -> Result<(), DmaError> {
+            self.log(direction, "begin");
+            Ok(())
+        }
+
+        fn layer_event_handles(&self, _: &()) -> Vec<[u8; 64]> {
+            vec![[0; 64]; 8]
+        }
+    }
+
+    /// A transfer actor over a [`Journal`] engine with one region open (id 1).
+    async fn journaled() -> (ActorRef<TransferMsg>, Arc<Mutex<Vec<String>>>) {
+        let journal = Journal::default();
+        let calls = journal.calls.clone();
+        let arena = Arc::new(Arena::new(4096, "transfer-journal-test").expect("arena"));
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let state = TransferState::new(journal, arena, metrics);
+        let (actor, _) = Actor::spawn(None, TransferActor::default(), state)
+            .await
+            .expect("spawn");
+        let source = RegionSource::SharedMemory {
+            name: "unused".into(),
+            bytes: 0,
+        };
+        let opened = actor
+            .call(
+                |reply| TransferMsg::Open {
+                    owner: 1,
+                    source,
+                    progress: None,
+                    reply,
+                },
+                None,
+            )
+            .await
+            .expect("open")
+            .unwrap()
+            .expect("opened");
+        assert_eq!((opened.id, opened.event_handles.len()), (1, 8));
+        (actor, calls)
+    }
+
+    /// Sends `job`; returns what `queued` was told (if anything) and the job's result.
+    async fn copy(
+        actor: &ActorRef<TransferMsg>,
+        job: CopyJob,
+        early: bool,
+    ) -> (Option<QueuedCopy>, Result<Vec<u32>, TransferError>) {
+        let (queued, answered) = oneshot::channel();
+        let done = actor
+            .call(
+                |reply| TransferMsg::Copy {
+                    job,
+                    queued: early.then_some(queued),
+                    reply,
+                },
+                None,
+            )
+            .await
+            .expect("copy")
+            .unwrap();
+        (answered.await.ok(), done)
+    }
+
+    fn save_job(layers: usize) -> CopyJob {
+        CopyJob {
+            direction: Direction::Save,
+            ..load_job(layers)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_save_asked_to_answer_when_queued_ends_each_layer_with_a_slot_it_hands_out() {
+        let (actor, journal) = journaled().await;
+        let (queued, done) = copy(&actor, save_job(2), true).await;
+        assert_eq!(done.expect("saved"), Vec::<u32>::new());
+        let queued = queued.expect("answered when queued");
+        assert_eq!((queued.event_slots, queued.ticket), (vec![0, 1], None));
+        let calls = journal.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            [
+                "Save begin",
+                "Save copy",
+                "Save end Some(0)",
+                "Save copy",
+                "Save end Some(1)"
+            ]
+        );
+        // Each save hands its slots back when done: five more saves of 2 layers fit a ring of 8.
+        for round in 1..=5u32 {
+            let (queued, _) = copy(&actor, save_job(2), true).await;
+            let slots = queued.expect("answered when queued").event_slots;
+            assert_eq!(slots, [2 * round % 8, (2 * round + 1) % 8]);
+        }
+        // A save that did not ask is answered when done and records no ring slot.
+        journal.lock().unwrap().clear();
+        let (queued, done) = copy(&actor, save_job(1), false).await;
+        assert!(queued.is_none() && done.is_ok());
+        let calls = journal.lock().unwrap().clone();
+        assert_eq!(calls, ["Save begin", "Save copy", "Save end None"]);
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn jobs_begin_in_the_order_they_arrive_before_any_of_their_copies() {
+        let (actor, journal) = journaled().await;
+        let (save, load) = tokio::join!(
+            copy(&actor, save_job(3), true),
+            copy(&actor, load_job(3), true)
+        );
+        assert!(save.1.is_ok() && load.1.is_ok());
+        let calls = journal.lock().unwrap().clone();
+        let at = |call: &str| calls.iter().position(|c| c == call).expect(call);
+        let first_copy = |direction: &str| {
+            let copy = format!("{direction} copy");
+            calls.iter().position(|c| *c == copy).expect("copied")
+        };
+        assert!(at("Save begin") < at("Load begin"), "{calls:?}");
+        assert!(at("Save begin") < first_copy("Save"), "{calls:?}");
+        assert!(at("Load begin") < first_copy("Load"), "{calls:?}");
+        actor.stop(None);
     }
 }

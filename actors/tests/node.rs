@@ -165,33 +165,49 @@ async fn node_errors_name_the_field_and_keep_the_connection() {
         other => panic!("expected bad_field for events on a shared-memory region, got {other:?}"),
     }
     // The region has 2 layers and no engine events.
-    for (after_events, code, field) in [
-        (vec![0], ErrorCode::BadField, "1 slots for 2 layers"),
-        (vec![0, 0], ErrorCode::OutOfRange, "`after_events[0]`"),
-    ] {
-        let save = Request::Save(BlocksRequest {
+    let save = |after_events, persist, answer_when_queued| {
+        Request::Save(BlocksRequest {
             engine,
             keys: vec![1; 32],
             block_ids: vec![3],
-            persist: false,
+            persist,
             after_events,
-        });
-        match client.call::<SaveReply>(save).await {
+            answer_when_queued,
+        })
+    };
+    for (request, code, field) in [
+        (
+            save(vec![0], false, false),
+            ErrorCode::BadField,
+            "1 slots for 2 layers",
+        ),
+        (
+            save(vec![0, 0], false, false),
+            ErrorCode::OutOfRange,
+            "`after_events[0]`",
+        ),
+        (
+            save(vec![], true, true),
+            ErrorCode::BadField,
+            "`answer_when_queued`",
+        ),
+    ] {
+        match client.call::<SaveReply>(request).await {
             Err(ClientError::Node(e)) => {
                 assert_eq!(e.code, code);
                 assert!(e.message.contains(field), "{}", e.message);
             }
-            other => panic!("expected {code:?} for after_events, got {other:?}"),
+            other => panic!("expected {code:?} naming {field}, got {other:?}"),
         }
     }
-    assert_eq!(
-        client
-            .save(engine, &[[1; 32]], &[3])
-            .await
-            .expect("still serving")
-            .stored,
-        1
-    );
+    // Without layer events a save asked to answer when queued answers once it is done.
+    let done = client
+        .call::<SaveReply>(save(vec![], false, true))
+        .await
+        .expect("still serving");
+    assert_eq!((done.stored, done.event_slots.len()), (1, 0));
+    let held = client.lookup(&[[1; 32]], false).await.expect("lookup");
+    assert_eq!(held.hits, 1);
     node.shutdown().await;
 }
 

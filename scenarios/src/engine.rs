@@ -193,6 +193,7 @@ impl Engine {
                 block_ids,
                 persist: self.spec.persist,
                 after_events: Vec::new(),
+                answer_when_queued: false,
             }))
             .await
     }

@@ -151,6 +151,7 @@ fn gpu_event_fields_are_optional_and_omitted_when_empty() {
             keys: vec![7; 32],
             block_ids: vec![2],
             persist: false,
+            answer_when_queued: !after_events.is_empty(),
             after_events,
         })
     };
@@ -164,6 +165,7 @@ fn gpu_event_fields_are_optional_and_omitted_when_empty() {
             .any(|(k, _)| k.as_str() == Some(key))
     };
     assert!(!has_key(&value, "after_events"), "{value}");
+    assert!(!has_key(&value, "answer_when_queued"), "{value}");
     assert_eq!(
         decode_request(&plain).expect("decode"),
         (5, save(Vec::new()))
@@ -172,6 +174,7 @@ fn gpu_event_fields_are_optional_and_omitted_when_empty() {
     let waiting = encode_request(6, &save(vec![0, 1])).expect("encode");
     let value = rmpv::decode::read_value(&mut waiting.as_slice()).expect("msgpack");
     assert!(has_key(&value, "after_events"), "{value}");
+    assert!(has_key(&value, "answer_when_queued"), "{value}");
     assert_eq!(
         decode_request(&waiting).expect("decode"),
         (6, save(vec![0, 1]))

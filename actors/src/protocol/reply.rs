@@ -57,6 +57,11 @@ pub struct SaveReply {
     /// Only for a `save` with `persist`: how many of its distinct keys are durable on SSD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persisted: Option<u32>,
+    /// Only for a `save` with `answer_when_queued` on a GPU engine: per layer, the
+    /// `layer_events` slot recorded after that layer's copy; the reply then comes once the
+    /// copies are queued, and `stored` counts the blocks being written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_slots: Vec<u32>,
 }
 
 /// `load`'s answer: leading blocks copied.

@@ -86,6 +86,11 @@ pub struct BlocksRequest {
     /// Empty: the engine's writes are complete already (ignored by `load`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_events: Vec<u32>,
+    /// `save` only, optional: answer once the copies are queued, with the event slot each layer
+    /// ends with, instead of once they are done, so the engine's host thread never waits for
+    /// them (its stream waits on the last slot before the blocks are written again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answer_when_queued: bool,
 }
 
 /// `release`: ends a lookup lease.

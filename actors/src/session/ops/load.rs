@@ -3,15 +3,14 @@
 //! prefix are fetched from peers into the pool; then all are copied like any other page.
 
 use pegaflow_gpu_dma::Direction;
-use ractor::ActorRef;
-use tokio::sync::oneshot;
 
+use super::queued::{copy_then, Answered};
 use super::BlocksJob;
 use crate::context::{ask, NodeContext};
 use crate::keys::BlockKey;
 use crate::pool::{LoadGrant, PageEntry, PoolMsg, TransferLease};
-use crate::protocol::{ErrorCode, LoadReply, ProtoError, ReplyBody};
-use crate::transfer::{CopyJob, QueuedLoad, TransferMsg};
+use crate::protocol::{LoadReply, ProtoError, ReplyBody};
+use crate::transfer::{CopyJob, QueuedCopy};
 
 /// Pins the leading held pages (promoting SSD-resident ones, fetching peers' ones), copies
 /// them in, and unpins them.
@@ -26,7 +25,7 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
         .map(|(&block, page)| (block, page.extent.offset))
         .collect();
     let queued = if blocks.is_empty() {
-        QueuedLoad::default()
+        QueuedCopy::default()
     } else {
         let copy = CopyJob {
             region: job.engine.region,
@@ -35,7 +34,15 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             checksum_pages: Vec::new(),
             wait_events: Vec::new(),
         };
-        copy_in(ctx.transfer.clone(), copy, leases).await?
+        // The pages stay pinned by `leases` until the copies are done, answered early or not.
+        let copied = copy_then(ctx, copy, true, "load", |_| async move {
+            drop(leases);
+            Ok(())
+        });
+        match copied.await? {
+            Answered::Queued(queued) => queued,
+            Answered::Done(()) => QueuedCopy::default(),
+        }
     };
     let loaded = blocks.len() as u64;
     ctx.metrics.loaded_blocks_total.inc_by(loaded);
@@ -81,50 +88,4 @@ async fn acquire(
         reply,
     })
     .await
-}
-
-/// Runs the copy and returns as early as is safe: at once with a ticket (GPU engines with a
-/// progress board; the engine waits for the board, then its stream on each layer's event), once
-/// every layer is enqueued with its event (GPU engines without a board), or once the copies are
-/// done (no events). The pages stay pinned by `leases` until the copies are done either way.
-async fn copy_in(
-    transfer: ActorRef<TransferMsg>,
-    copy: CopyJob,
-    leases: Vec<TransferLease>,
-) -> Result<QueuedLoad, ProtoError> {
-    let (queued, enqueued) = oneshot::channel();
-    let done = tokio::spawn(async move {
-        let result = ask(&transfer, "transfer", |reply| TransferMsg::Copy {
-            job: copy,
-            queued: Some(queued),
-            reply,
-        })
-        .await;
-        drop(leases);
-        match result {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(ProtoError::new(
-                ErrorCode::Internal,
-                format!("load copy failed: {e}"),
-            )),
-            Err(e) => Err(e),
-        }
-    });
-    match enqueued.await {
-        Ok(queued) => {
-            tokio::spawn(async move {
-                if let Ok(Err(error)) = done.await {
-                    tracing::error!(message = %error.message, "load failed after its layer events were handed out");
-                }
-            });
-            Ok(queued)
-        }
-        Err(_) => match done.await {
-            Ok(result) => result.map(|()| QueuedLoad::default()),
-            Err(e) => Err(ProtoError::new(
-                ErrorCode::Internal,
-                format!("load task failed: {e}"),
-            )),
-        },
-    }
 }

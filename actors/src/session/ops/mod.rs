@@ -3,6 +3,7 @@
 pub mod hello;
 pub mod load;
 pub mod lookup;
+pub mod queued;
 pub mod register;
 pub mod release;
 pub mod save;
@@ -38,6 +39,8 @@ pub struct BlocksJob {
     pub persist: bool,
     /// `save` only: per layer, the engine event slot the copy of that layer waits on (empty: none).
     pub after_events: Vec<u32>,
+    /// `save` only: answer once the copies are queued (GPU engines), not once they are done.
+    pub answer_when_queued: bool,
 }
 
 /// The checks `save` and `load` share, run in order with the session's other ops: a
@@ -65,6 +68,13 @@ pub fn prepare_blocks(state: &SessionState, req: BlocksRequest) -> Result<Blocks
     }
     engine.layout.check_blocks(&req.block_ids)?;
     check_after_events(&engine, &req.after_events)?;
+    if req.persist && req.answer_when_queued {
+        return Err(ProtoError::new(
+            ErrorCode::BadField,
+            "field `answer_when_queued`: cannot be combined with `persist`, which answers only \
+             once the blocks are durable",
+        ));
+    }
     Ok(BlocksJob {
         ctx: state.ctx.clone(),
         engine,
@@ -72,6 +82,7 @@ pub fn prepare_blocks(state: &SessionState, req: BlocksRequest) -> Result<Blocks
         block_ids: req.block_ids,
         persist: req.persist,
         after_events: req.after_events,
+        answer_when_queued: req.answer_when_queued,
     })
 }
 

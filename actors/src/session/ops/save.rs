@@ -1,13 +1,17 @@
 //! `save`: copies blocks out of the engine's region into newly reserved pool pages, and with
-//! `persist` waits until they are durable on SSD.
+//! `persist` waits until they are durable on SSD. With `answer_when_queued` on a GPU engine it
+//! answers once the copies are queued; the pages are published when they land, as otherwise.
+
+use std::sync::Arc;
 
 use pegaflow_gpu_dma::Direction;
 
+use super::queued::{copy_then, Answered};
 use super::BlocksJob;
-use crate::context::ask;
+use crate::context::{ask, NodeContext};
 use crate::pool::{PoolMsg, SaveSlot, TransferLease};
-use crate::protocol::{ErrorCode, ProtoError, ReplyBody, SaveReply};
-use crate::transfer::{CopyJob, TransferMsg};
+use crate::protocol::{ProtoError, ReplyBody, SaveReply};
+use crate::transfer::CopyJob;
 
 /// Reserves pages, copies every layer of each new block, then publishes them.
 pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
@@ -39,24 +43,19 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             checksum_pages: blocks.iter().map(|&(_, page)| (page, page_bytes)).collect(),
             wait_events: job.after_events,
         };
-        let crcs = ask(&ctx.transfer, "transfer", |reply| TransferMsg::Copy {
-            job: copy,
-            queued: None,
-            reply,
-        })
-        .await?
-        .map_err(|e| ProtoError::new(ErrorCode::Internal, format!("save copy failed: {e}")))?;
-        let lease_id = lease.id();
-        let stored = ask(&ctx.pool, "pool", |reply| PoolMsg::CommitSave {
-            lease: lease_id,
-            crcs,
-            reply,
-        })
-        .await?;
+        let pool = ctx.clone();
+        let publish = |crcs| async move { publish(&pool, lease, crcs).await };
         let written = blocks.len() as u32;
-        counts.stored = stored;
-        counts.present += written - stored;
-        ctx.metrics.saved_blocks_total.inc_by(u64::from(stored));
+        match copy_then(ctx, copy, job.answer_when_queued, "save", publish).await? {
+            Answered::Queued(queued) => {
+                counts.stored = written;
+                counts.event_slots = queued.event_slots;
+            }
+            Answered::Done(stored) => {
+                counts.stored = stored;
+                counts.present += written - stored;
+            }
+        }
     }
     ctx.metrics
         .save_dropped_blocks_total
@@ -67,4 +66,22 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             Some(ask(&ctx.pool, "pool", |reply| PoolMsg::Persist { keys, reply }).await?);
     }
     Ok(ReplyBody::Save(counts))
+}
+
+/// Commits the written pages with their checksums; returns how many became new entries (the
+/// rest were saved by another request meanwhile).
+async fn publish(
+    ctx: &Arc<NodeContext>,
+    lease: TransferLease,
+    crcs: Vec<u32>,
+) -> Result<u32, ProtoError> {
+    let lease = lease.id();
+    let stored = ask(&ctx.pool, "pool", |reply| PoolMsg::CommitSave {
+        lease,
+        crcs,
+        reply,
+    })
+    .await?;
+    ctx.metrics.saved_blocks_total.inc_by(u64::from(stored));
+    Ok(stored)
 }
