@@ -2,8 +2,8 @@
 by CUDA IPC, saves blocks and exits; a second loads them into other block ids, layer by layer,
 its stream waiting on the node's per-layer events (and, with a load progress board, answered
 before the node enqueued them). A save may also be sent before the engine's
-stream wrote the blocks, naming the engine's per-layer events for the node to wait on. Run with
-`pytest -m gpu` where a GPU is."""
+stream wrote the blocks, naming the engine's per-layer events for the node to wait on, and be
+answered once its copies are queued. Run with `pytest -m gpu` where a GPU is."""
 
 from __future__ import annotations
 
@@ -53,4 +53,17 @@ def test_gpu_save_waits_on_the_engines_layer_events(
     out = run_engine(node, "save-events", blocks_file, first_token=100_000)
     assert "saved 8 blocks after events; stream busy at send: True" in out
     assert "byte-exact" in run_engine(node, "load", blocks_file, first_token=100_000)
+    assert node.stats()["pool"]["leased_bytes"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.integration
+def test_gpu_save_answered_when_queued_is_ordered_before_reuse_and_later_loads(
+    start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    node = start_node(dma="cuda")
+    blocks_file = tmp_path / "saved.pt"
+    out = run_engine(node, "save-queued", blocks_file, first_token=200_000)
+    assert "answered while the stream was busy; a load into half of them landed after it" in out
+    assert "byte-exact" in run_engine(node, "load", blocks_file, first_token=200_000)
     assert node.stats()["pool"]["leased_bytes"] == 0

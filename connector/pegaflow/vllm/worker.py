@@ -2,11 +2,12 @@
 
 Loads are asynchronous: submitted when the scheduler parks a request, reported finished (with
 any blocks that did not arrive) once the node answered, so vLLM recomputes what is missing.
-Saves finish inside `wait_for_save`, before vLLM may reuse the blocks. On a GPU the worker records
-an interprocess event per layer in `save_kv_layer` and the node's copies wait on them GPU-side,
-so `wait_for_save` never synchronizes the engine's stream; a load is answered at once and each
-layer is waited for through the load progress board, so layer 0 computes while later layers are
-still being enqueued.
+Saves are ordered before vLLM may reuse the blocks inside `wait_for_save`. On a GPU the worker
+records an interprocess event per layer in `save_kv_layer` and the node's copies wait on them
+GPU-side; the node answers once the copies are queued and the engine's stream waits on their
+last event, so `wait_for_save` never waits on the host for the GPU. A load is answered at once
+and each layer is waited for through the load progress board, so layer 0 computes while later
+layers are still being enqueued.
 """
 
 from __future__ import annotations
@@ -229,7 +230,9 @@ class WorkerSide:
         self._recorded.add(index)
 
     def save(self, meta: PegaMetadata) -> None:
-        """Saves the step's newly full blocks and waits, so vLLM can reuse them afterwards."""
+        """Saves the step's newly full blocks so vLLM can reuse them afterwards: on a GPU the
+        node answers once the copies are queued and the engine's stream waits on the copies'
+        last event, so nothing the engine runs next can overwrite a block still being read."""
         self.apply_chains(meta)
         recorded, self._recorded = self._recorded, set()
         if not meta.saves or self.engine is None:
@@ -249,9 +252,18 @@ class WorkerSide:
             if reply is None:
                 self.stats.save_error_blocks += len(transfer.block_ids)
                 continue
+            if reply.get("event_slots"):
+                self._wait_for_copies(reply["event_slots"][-1])
             self.stats.saved_blocks += reply["stored"]
             self.stats.present_blocks += reply["present"]
             self.stats.dropped_blocks += reply["dropped"]
+
+    def _wait_for_copies(self, slot: int) -> None:
+        """The engine's stream waits (GPU-side) for the node's event recorded after a save's
+        last copy: the node's copy streams read the blocks in order, so that event covers them."""
+        assert self.region is not None
+        stream = torch.cuda.current_stream(self.region.device)
+        stream.wait_event(self._layer_events()[slot])
 
     def finished(self, finished_req_ids: set[str]) -> set[str] | None:
         """Requests whose load ended (well or not); forgets the chains of finished requests."""
@@ -322,7 +334,7 @@ class WorkerSide:
         keys = self._chain(transfer.req_id, transfer.first_block + len(transfer.block_ids))
         if self.engine is None or keys is None:
             return None
-        extra = {"after_events": after_events} if after_events else {}
+        extra = {"after_events": after_events, "answer_when_queued": True} if after_events else {}
         return self.link.submit(
             op,
             engine=self.engine,
