@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +60,15 @@ def test_trailing_partial_block_has_no_key() -> None:
     assert chain_keys(digest, list(range(3)), 4) == []
 
 
-def test_keys_of_a_long_prompt_are_fast_enough() -> None:
-    """10K-token prompts are hashed on the scheduler's critical path."""
+def test_a_chain_continued_from_its_parent_equals_the_whole_chain() -> None:
     digest = Namespace("m", "bf16", "vllm_lbnhc", 16, 32, 8, 128).digest()
-    start = time.perf_counter()
-    keys = chain_keys(digest, list(range(10_000)), 16)
-    assert len(keys) == 625
-    assert time.perf_counter() - start < 0.05
+    tokens = list(range(10_000))
+    whole = chain_keys(digest, tokens, 16)
+    head = chain_keys(digest, tokens[:4_000], 16)
+    tail = chain_keys(digest, tokens[4_000:], 16, parent=head[-1])
+    assert len(whole) == 625 and head + tail == whole
+    with pytest.raises(ValueError, match="parent key must be 32 bytes"):
+        chain_keys(digest, tokens, 16, parent=b"short")
 
 
 def test_bad_token_or_namespace_values_are_clear_errors() -> None:

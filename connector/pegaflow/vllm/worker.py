@@ -344,13 +344,14 @@ class WorkerSide:
         )
 
     def _chain(self, req_id: str, blocks: int) -> list[bytes] | None:
-        keys = self._keys.get(req_id, [])
+        """The request's first `blocks` keys, extending its cached chain by the new blocks."""
+        keys = self._keys.setdefault(req_id, [])
         if len(keys) < blocks:
             tokens = self._tokens.get(req_id, [])
             assert self.namespace is not None
-            digest = self.namespace.digest()
-            keys = chain_keys(digest, tokens[: blocks * self.block_size], self.block_size)
-            self._keys[req_id] = keys
+            new = tokens[len(keys) * self.block_size : blocks * self.block_size]
+            parent = keys[-1] if keys else None
+            keys += chain_keys(self.namespace.digest(), new, self.block_size, parent)
         return keys[:blocks] if len(keys) >= blocks else None
 
     def _maybe_log(self) -> None:
