@@ -119,6 +119,13 @@ def test_benchmark_smoke_run_reports_every_pass(short_tmp: Path) -> None:
     assert list(results["passes"]) == ["no-connector", "cold", "warm", "restart"]
     assert results["identical"] and not results["failures"], results["failures"]
     assert results["passes"]["restart"]["hit_tokens"] == [96, 96, 96]
-    layers = results["timeline"]["layers"]
-    assert all(len(layers[mark]) == MODELS["tiny"].num_layers for mark in layers)
+    layers = results["timelines"]["warm"]["layers"]
+    per_layer = [marks for name, marks in layers.items() if not name.startswith("step_")]
+    assert per_layer and all(len(marks) == MODELS["tiny"].num_layers for marks in per_layer)
+    # Cold prompts run in two steps (the prefix, then the last block's tokens); warm only the last.
+    for name, count in (("no-connector", 2), ("cold", 2), ("warm", 1)):
+        profile = results["steps"][name]
+        times = [profile["lookup_done_ms"], *(t for step in profile["steps_ms"] for t in step)]
+        assert len(profile["steps_ms"]) == count, (name, profile)
+        assert times == sorted(times) and times[-1] <= profile["token_ms"], (name, profile)
     assert "tokens and logits bit-identical across passes: yes" in result.stdout

@@ -371,12 +371,18 @@ class PagedEngine:
         total = request.num_tokens
         split = (total - 1) // BLOCK_SIZE * BLOCK_SIZE
         slots = self._slots(block_ids, total)
-        first, recomputed = True, 0
+        first, recomputed, step, layer_trace = True, 0, 0, trace
         while True:
             end = split if computed < split else total
             output = _SchedulerOutput.step(request, block_ids, computed, end, first)
-            hidden, failed = self._step(request, output, computed, slots[:end], connector, trace)
-            first, trace = False, None  # a trace covers the first step only
+            if trace is not None:
+                trace.mark("step_start", step)
+            hidden, failed = self._step(
+                request, output, computed, slots[:end], connector, layer_trace
+            )
+            if trace is not None:
+                trace.mark("step_end", step)  # after the step's saves, as the stream sees them
+            first, step, layer_trace = False, step + 1, None  # layer marks: the first step only
             failed_at = [i for i, block in enumerate(block_ids) if block in failed]
             if failed_at:  # vLLM's kv_load_failure_policy "recompute"
                 recomputed += computed - failed_at[0] * BLOCK_SIZE

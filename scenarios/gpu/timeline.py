@@ -75,4 +75,4 @@ def span(start: float, end: float) -> tuple[float, float]:
 
 if __name__ == "__main__":
     results = json.loads(Path(sys.argv[1]).read_text())
-    render(results["timeline"], Path(sys.argv[2]), results["timeline_title"])
+    render(results["timelines"]["warm"], Path(sys.argv[2]), results["timeline_title"])

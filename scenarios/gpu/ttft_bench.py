@@ -217,8 +217,8 @@ def serve_in_process(args: argparse.Namespace, node: Node) -> dict[str, dict[str
     with build_engine(args, node.socket) as engine:
         trace_index = args.trace_request % args.prompts
         return {
-            "no-connector": run_pass(engine, "no-connector", args),
-            "cold": run_pass(engine, "cold", args),
+            "no-connector": run_pass(engine, "no-connector", args, trace_index),
+            "cold": run_pass(engine, "cold", args, trace_index),
             "warm": run_pass(engine, "warm", args, trace_index),
         }
 
@@ -254,12 +254,13 @@ def attach_main(args: argparse.Namespace) -> int:
 def assemble(
     args: argparse.Namespace, passes: dict[str, Any], node_stats: dict[str, Any]
 ) -> dict[str, Any]:
-    """Everything results.json holds: setup, passes, ratios, goals, checks, the timeline."""
+    """Everything results.json holds: setup, passes, ratios, goals, checks, the timelines."""
     config = MODELS[args.model]
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     page = page_bytes(kv_shape(config).namespace(model_id(config, args.seed), 0, 1, 0))
-    timeline = passes["warm"].pop("timeline")
+    timelines = {name: passes[name].pop("timeline") for name in ("no-connector", "cold", "warm")}
+    timeline = timelines["warm"]
     hit = passes["warm"]["hit_tokens"][timeline["request"]]
     r = ratios(passes)
     setup = {k: v for k, v in vars(args).items() if k not in ("attach", "result")}
@@ -272,9 +273,10 @@ def assemble(
         "goals": goals(args, passes, r),
         "identical": identical(passes),
         "failures": check(args, passes),
-        "timeline": timeline,
         "timeline_title": title,
         "overlap": overlap(timeline, hit // BLOCK_SIZE * page),
+        "steps": {name: steps(traced) for name, traced in timelines.items()},
+        "timelines": timelines,
         "node_stats": node_stats,
     }
 
@@ -326,6 +328,19 @@ def goals(
     }
 
 
+def steps(timeline: dict[str, Any]) -> dict[str, Any]:
+    """Where the traced request's service time went, in ms from when the engine took it up:
+    the lookup (host), each step's start and end as the GPU stream reached them (a step ends
+    after its saves' waits), and the token (host)."""
+    layers, instants = timeline["layers"], timeline["instants"]
+    return {
+        "request": timeline["request"],
+        "lookup_done_ms": instants["lookup_done"],
+        "steps_ms": list(zip(layers["step_start"], layers["step_end"], strict=True)),
+        "token_ms": instants["token"],
+    }
+
+
 def overlap(timeline: dict[str, Any], loaded_bytes: int) -> dict[str, float]:
     """What the traced request's timeline says: when the load was sent and answered, how fast
     the copies ran, and for how many layers attention ended before the next layer's copy
@@ -367,12 +382,17 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     node = [f"{op} {latency[op]['p50_seconds'] * 1e3:.2f} ms (x{latency[op]['count']})"
             for op in ("lookup", "load", "save") if op in latency]  # fmt: skip
     print("node, p50 from request to reply:", ", ".join(node))
-    print(f"timeline (warm request {results['timeline']['request']}): load sent at "
+    print(f"timeline (warm request {results['timelines']['warm']['request']}): load sent at "
           f"{o['load_submitted_ms']:.1f} ms, answered at {o['load_reply_ms']:.1f} ms, last copy "
           f"landed at {o['last_copy_done_ms']:.1f} ms ({o['copy_gbps']:.1f} GB/s), token at "
           f"{o['token_ms']:.1f} ms; attention ended before the next layer's copy landed in "
           f"{o['layers_computed_under_next_copy']} of {MODELS[args.model].num_layers - 1} "
           f"layers")  # fmt: skip
+    for name, profile in results["steps"].items():
+        on_gpu = ", ".join(f"{a:.1f}-{b:.1f}" for a, b in profile["steps_ms"])
+        print(f"steps ({name} request {profile['request']}): lookup done at "
+              f"{profile['lookup_done_ms']:.1f} ms, steps on the GPU {on_gpu} ms, token at "
+              f"{profile['token_ms']:.1f} ms")  # fmt: skip
     for name, (met, value) in results["goals"].items():
         print(f"goal {name}: {'PASS' if met else 'MISS'} ({value})")
     same = "yes" if results["identical"] else "NO"
@@ -389,7 +409,7 @@ def write_outputs(out: Path, results: dict[str, Any]) -> None:
     except ImportError as exc:  # CI's venv has no matplotlib; the JSON holds the data
         print(f"timeline chart skipped ({exc}); draw it with timeline.py from results.json")
         return
-    render(results["timeline"], out / "timeline.png", results["timeline_title"])
+    render(results["timelines"]["warm"], out / "timeline.png", results["timeline_title"])
     print(f"wrote {out / 'timeline.png'}")
 
 
