@@ -45,25 +45,20 @@ def test_gpu_blocks_outlive_their_engine_and_load_layer_by_layer(
 
 @pytest.mark.gpu
 @pytest.mark.integration
-def test_gpu_save_waits_on_the_engines_layer_events(
-    start_node: Callable[..., NodeProcess], tmp_path: Path
+@pytest.mark.parametrize(
+    ("mode", "says", "first_token"),
+    [
+        ("save-events", "saved 8 blocks after events; stream busy at send: True", 100_000),
+        ("save-queued", "answered while the stream was busy; a load into half of them landed "
+                        "after it", 200_000),
+    ],
+    ids=["answered-when-done", "answered-when-queued"],
+)  # fmt: skip
+def test_gpu_save_sent_before_the_engines_writes_copies_what_they_wrote(
+    start_node: Callable[..., NodeProcess], tmp_path: Path, mode: str, says: str, first_token: int
 ) -> None:
     node = start_node(dma="cuda")
     blocks_file = tmp_path / "saved.pt"
-    out = run_engine(node, "save-events", blocks_file, first_token=100_000)
-    assert "saved 8 blocks after events; stream busy at send: True" in out
-    assert "byte-exact" in run_engine(node, "load", blocks_file, first_token=100_000)
-    assert node.stats()["pool"]["leased_bytes"] == 0
-
-
-@pytest.mark.gpu
-@pytest.mark.integration
-def test_gpu_save_answered_when_queued_is_ordered_before_reuse_and_later_loads(
-    start_node: Callable[..., NodeProcess], tmp_path: Path
-) -> None:
-    node = start_node(dma="cuda")
-    blocks_file = tmp_path / "saved.pt"
-    out = run_engine(node, "save-queued", blocks_file, first_token=200_000)
-    assert "answered while the stream was busy; a load into half of them landed after it" in out
-    assert "byte-exact" in run_engine(node, "load", blocks_file, first_token=200_000)
+    assert says in run_engine(node, mode, blocks_file, first_token=first_token)
+    assert "byte-exact" in run_engine(node, "load", blocks_file, first_token=first_token)
     assert node.stats()["pool"]["leased_bytes"] == 0
