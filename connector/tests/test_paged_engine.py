@@ -24,7 +24,15 @@ from conftest import CONNECTOR_DIR, NODE_BIN, REPO_ROOT, NodeProcess
 try:
     import torch
     from llama import MODELS
-    from paged_engine import BLOCK_SIZE, PagedEngine, Request, Served
+    from paged_engine import (
+        BLOCK_SIZE,
+        PagedEngine,
+        Request,
+        Served,
+        _CachedRequests,
+        _NewRequest,
+        _SchedulerOutput,
+    )
 except ImportError as exc:  # .venv has no torch; CI runs this in .venv-vllm, which has
     pytest.skip(f"needs torch ({exc})", allow_module_level=True)
 
@@ -102,6 +110,46 @@ def test_a_failed_load_is_recomputed_with_the_same_result(
     assert [s.hit_tokens for s in failed] == HITS
     assert [s.recomputed_tokens for s in failed] == HITS
     assert_same(failed, cold, "recomputed vs cold")
+
+
+@pytest.mark.integration
+def test_a_step_saves_the_new_blocks_of_all_its_requests_in_one_request(
+    start_node: Callable[..., NodeProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = start_node()
+    prompts = PROMPTS[:2]  # 6 and 2 full blocks
+    with make_engine(node) as engine:
+        connector = engine.connector
+        assert connector is not None
+        link = connector.worker.link
+        submit = link.submit
+        saves: list[int] = []
+
+        def count_saves(op: str, **fields: Any) -> Any:
+            if op == "save":
+                saves.append(len(fields["block_ids"]))
+            return submit(op, **fields)
+
+        monkeypatch.setattr(link, "submit", count_saves)
+        requests = [Request(f"batch-{i}", prompt) for i, prompt in enumerate(prompts)]
+        blocks = [engine.blocks.allocate(-(-len(prompt) // BLOCK_SIZE)) for prompt in prompts]
+        assert [connector.lookup(r, b) for r, b in zip(requests, blocks, strict=True)] == [0, 0]
+        step = _SchedulerOutput(
+            [_NewRequest(r.request_id, (b,), 0) for r, b in zip(requests, blocks, strict=True)],
+            _CachedRequests([], [], []),
+            {r.request_id: r.num_tokens for r in requests},
+            {},
+        )
+        connector.end_step(connector.begin_step(step))
+        for request in requests:
+            connector.finish(request)
+        again = [Request(f"again-{i}", prompt) for i, prompt in enumerate(prompts)]
+        hits = [connector.lookup(r, b) for r, b in zip(again, blocks, strict=True)]
+        for request in again:
+            connector.finish(request)
+    assert saves == [6 + 2]
+    assert hits == HITS[:2]
+    assert node.stats()["pool"]["leased_bytes"] == 0
 
 
 @pytest.mark.integration

@@ -183,7 +183,7 @@ class WorkerSide:
         self._saving = bool(meta.saves)
         self._recorded.clear()
         for transfer in meta.loads:
-            future = self._submit("load", transfer)
+            future = self._submit_load(transfer)
             if future is None:
                 self._fail_load(transfer.req_id, transfer.block_ids)
             else:
@@ -243,20 +243,36 @@ class WorkerSide:
                 after_events = list(range(len(self._save_events)))
             else:  # a layer's event is missing: the node cannot wait GPU-side for it
                 torch.cuda.current_stream(self.region.device).synchronize()
-        sent = [(t, self._submit("save", t, after_events)) for t in meta.saves]
-        deadline = time.monotonic() + self.config.save_timeout_s
-        for transfer, future in sent:
-            reply = None
-            if future is not None:
-                reply = self.link.wait(future, max(deadline - time.monotonic(), 0.0))
-            if reply is None:
+        keys, block_ids = self._save_batch(meta.saves)
+        if not keys:
+            return
+        queued = {"after_events": after_events, "answer_when_queued": True} if after_events else {}
+        future = self.link.submit(
+            "save", engine=self.engine, keys=keys, block_ids=block_ids, **queued
+        )
+        reply = self.link.wait(future, self.config.save_timeout_s) if future else None
+        if reply is None:
+            self.stats.save_error_blocks += len(block_ids)
+            return
+        if reply.get("event_slots"):
+            self._wait_for_copies(reply["event_slots"][-1])
+        self.stats.saved_blocks += reply["stored"]
+        self.stats.present_blocks += reply["present"]
+        self.stats.dropped_blocks += reply["dropped"]
+
+    def _save_batch(self, saves: list[Transfer]) -> tuple[list[bytes], list[int]]:
+        """Every request's new blocks of the step, as one save: one round trip, and on a GPU
+        one reservation in the node's event ring, however many requests filled blocks."""
+        keys: list[bytes] = []
+        block_ids: list[int] = []
+        for transfer in saves:
+            chain = self._chain(transfer.req_id, transfer.first_block + len(transfer.block_ids))
+            if chain is None:
                 self.stats.save_error_blocks += len(transfer.block_ids)
                 continue
-            if reply.get("event_slots"):
-                self._wait_for_copies(reply["event_slots"][-1])
-            self.stats.saved_blocks += reply["stored"]
-            self.stats.present_blocks += reply["present"]
-            self.stats.dropped_blocks += reply["dropped"]
+            keys += chain[transfer.first_block :]
+            block_ids += transfer.block_ids
+        return keys, block_ids
 
     def _wait_for_copies(self, slot: int) -> None:
         """The engine's stream waits (GPU-side) for the node's event recorded after a save's
@@ -326,21 +342,17 @@ class WorkerSide:
         self._load_errors.update(block_ids)
         self.stats.load_error_blocks += len(block_ids)
 
-    def _submit(
-        self, op: str, transfer: Transfer, after_events: list[int] | None = None
-    ) -> concurrent.futures.Future[Reply] | None:
+    def _submit_load(self, transfer: Transfer) -> concurrent.futures.Future[Reply] | None:
         if self.engine is None:
             self.link.client()  # (re)connecting registers the region
         keys = self._chain(transfer.req_id, transfer.first_block + len(transfer.block_ids))
         if self.engine is None or keys is None:
             return None
-        extra = {"after_events": after_events, "answer_when_queued": True} if after_events else {}
         return self.link.submit(
-            op,
+            "load",
             engine=self.engine,
             keys=keys[transfer.first_block :],
             block_ids=transfer.block_ids,
-            **extra,
         )
 
     def _chain(self, req_id: str, blocks: int) -> list[bytes] | None:
