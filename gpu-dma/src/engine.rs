@@ -115,11 +115,12 @@ pub trait DmaEngine: Send + Sync + 'static {
     }
 
     /// Called once per job, before its first copy, in the order the node received the jobs.
-    /// A load's copies into `region` then start only after every save of `region` enqueued
-    /// before it has read its blocks: the engine may hand a saved block to another request as
-    /// soon as the save was queued (docs/protocol.md, `answer_when_queued`), and that request's
-    /// load must not overwrite it while the save still reads it. The CUDA engine makes the load
-    /// stream wait on the event its saves record after each layer; a wait, never a block.
+    /// A load's copies into `region` then start only after every save layer of `region`
+    /// enqueued so far has read its blocks, so after every save already answered: the engine
+    /// may hand a saved block to another request as soon as the save was answered
+    /// (docs/protocol.md, `answer_when_queued`), and that request's load must not overwrite it
+    /// while the save still reads it. The CUDA engine makes the load stream wait on the event
+    /// its saves record after each layer; a wait, never a block.
     ///
     /// The default does nothing: the host engine's saves are done before they are answered.
     fn begin_job(&self, region: &Self::Region, direction: Direction) -> Result<(), DmaError> {
