@@ -250,7 +250,7 @@ class WorkerSide:
         future = self.link.submit(
             "save", engine=self.engine, keys=keys, block_ids=block_ids, **queued
         )
-        reply = self.link.wait(future, self.config.save_timeout_s) if future else None
+        reply = None if future is None else self.link.wait(future, self.config.save_timeout_s)
         if reply is None:
             self.stats.save_error_blocks += len(block_ids)
             return

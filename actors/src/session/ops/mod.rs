@@ -68,13 +68,6 @@ pub fn prepare_blocks(state: &SessionState, req: BlocksRequest) -> Result<Blocks
     }
     engine.layout.check_blocks(&req.block_ids)?;
     check_after_events(&engine, &req.after_events)?;
-    if req.persist && req.answer_when_queued {
-        return Err(ProtoError::new(
-            ErrorCode::BadField,
-            "field `answer_when_queued`: cannot be combined with `persist`, which answers only \
-             once the blocks are durable",
-        ));
-    }
     Ok(BlocksJob {
         ctx: state.ctx.clone(),
         engine,

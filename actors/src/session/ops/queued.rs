@@ -49,8 +49,12 @@ where
     });
     if let Ok(queued) = enqueued.await {
         tokio::spawn(async move {
-            if let Ok(Err(error)) = done.await {
-                tracing::error!(message = %error.message, "{what} failed after it was answered");
+            match done.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(message = %error.message, "{what} failed after it was answered");
+                }
+                Err(error) => tracing::error!(%error, "{what} task failed after it was answered"),
             }
         });
         return Ok(Answered::Queued(queued));

@@ -10,11 +10,18 @@ use super::queued::{copy_then, Answered};
 use super::BlocksJob;
 use crate::context::{ask, NodeContext};
 use crate::pool::{PoolMsg, SaveSlot, TransferLease};
-use crate::protocol::{ProtoError, ReplyBody, SaveReply};
+use crate::protocol::{ErrorCode, ProtoError, ReplyBody, SaveReply};
 use crate::transfer::CopyJob;
 
 /// Reserves pages, copies every layer of each new block, then publishes them.
 pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
+    if job.persist && job.answer_when_queued {
+        return Err(ProtoError::new(
+            ErrorCode::BadField,
+            "field `answer_when_queued`: cannot be combined with `persist`, which answers only \
+             once the blocks are durable",
+        ));
+    }
     let ctx = &job.ctx;
     let page_bytes = job.engine.layout.page_bytes();
     let persist_keys = job.persist.then(|| job.keys.clone());
