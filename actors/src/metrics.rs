@@ -72,6 +72,8 @@ pub struct Metrics {
     pub transfer_duration_seconds: HistogramVec,
     /// By `direction`: one observation per layer of each copy job.
     pub transfer_layer_duration_seconds: HistogramVec,
+    /// By `direction`: jobs answered only once done because the event ring was full.
+    pub event_ring_full_total: IntCounterVec,
     pub pool_capacity_bytes: IntGauge,
     pub pool_used_bytes: IntGauge,
     pub pool_leased_bytes: IntGauge,
@@ -188,6 +190,12 @@ impl Metrics {
                 "Bytes copied between engines and the pool, by copy device and direction",
                 &["device", "direction"],
             )?,
+            event_ring_full_total: counters(
+                "event_ring_full_total",
+                "Saves and loads that asked to be answered before their copies were done but \
+                 found the engine's event ring full, so were answered once done, by direction",
+                &["direction"],
+            )?,
             transfer_duration_seconds: histograms(
                 "transfer_duration_seconds",
                 "Time one save's or load's copies take on the copy device, all layers",
@@ -296,9 +304,11 @@ impl Metrics {
             metrics.lookup_hit_blocks_total.with_label_values(&[tier]);
         }
         for direction in [Direction::Save, Direction::Load] {
+            let label = [direction_label(direction)];
             metrics
                 .transfer_layer_duration_seconds
-                .with_label_values(&[direction_label(direction)]);
+                .with_label_values(&label);
+            metrics.event_ring_full_total.with_label_values(&label);
         }
         Ok(metrics)
     }

@@ -182,7 +182,14 @@ impl<E: DmaEngine> TransferState<E> {
         let opened = self.regions.get_mut(&job.region)?;
         let ring = opened.ring.as_mut()?;
         let layers = job.layers.len() as u32;
-        let first = ring.reserve(layers)?;
+        let Some(first) = ring.reserve(layers) else {
+            let direction = crate::metrics::direction_label(job.direction);
+            self.metrics
+                .event_ring_full_total
+                .with_label_values(&[direction])
+                .inc();
+            return None;
+        };
         let slots = (0..layers).map(|l| ring.slot(first, l)).collect();
         let progress = opened.progress.as_mut();
         let board = progress
@@ -678,12 +685,12 @@ mod tests {
     }
 
     /// A transfer actor over a [`Journal`] engine with one region open (id 1).
-    async fn journaled() -> (ActorRef<TransferMsg>, Arc<Mutex<Vec<String>>>) {
+    async fn journaled() -> (ActorRef<TransferMsg>, Arc<Mutex<Vec<String>>>, Arc<Metrics>) {
         let journal = Journal::default();
         let calls = journal.calls.clone();
         let arena = Arc::new(Arena::new(4096, "transfer-journal-test").expect("arena"));
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let state = TransferState::new(journal, arena, metrics);
+        let state = TransferState::new(journal, arena, metrics.clone());
         let (actor, _) = Actor::spawn(None, TransferActor::default(), state)
             .await
             .expect("spawn");
@@ -706,7 +713,7 @@ mod tests {
             .unwrap()
             .expect("opened");
         assert_eq!((opened.id, opened.event_handles.len()), (1, 8));
-        (actor, calls)
+        (actor, calls, metrics)
     }
 
     /// Sends `job`; returns what `queued` was told (if anything) and the job's result.
@@ -740,7 +747,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_save_asked_to_answer_when_queued_ends_each_layer_with_a_slot_it_hands_out() {
-        let (actor, journal) = journaled().await;
+        let (actor, journal, metrics) = journaled().await;
         let (queued, done) = copy(&actor, save_job(2), true).await;
         assert_eq!(done.expect("saved"), Vec::<u32>::new());
         let queued = queued.expect("answered when queued");
@@ -762,6 +769,15 @@ mod tests {
             let slots = queued.expect("answered when queued").event_slots;
             assert_eq!(slots, [2 * round % 8, (2 * round + 1) % 8]);
         }
+        // A job needing more slots than the ring has free is answered when done, and counted.
+        let full = |direction| {
+            metrics
+                .event_ring_full_total
+                .with_label_values(&[direction])
+        };
+        let (queued, done) = copy(&actor, save_job(9), true).await;
+        assert!(queued.is_none() && done.is_ok());
+        assert_eq!((full("save").get(), full("load").get()), (1, 0));
         // A save that did not ask is answered when done and records no ring slot.
         journal.lock().unwrap().clear();
         let (queued, done) = copy(&actor, save_job(1), false).await;
@@ -773,7 +789,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_load_begins_before_its_copies_and_after_every_layer_of_an_answered_save() {
-        let (actor, journal) = journaled().await;
+        let (actor, journal, _) = journaled().await;
         let (save, load) = (save_job(3), load_job(3));
         let (queued, answer) = oneshot::channel();
         let (reply, saved) = ractor::concurrency::oneshot();
