@@ -206,9 +206,7 @@ class WorkerSide:
             ticket = reply.get("ticket") if reply is not None else None
             if ticket is not None and not self._layer_recorded(slots[index], ticket, load):
                 continue
-            assert self.region is not None
-            stream = torch.cuda.current_stream(self.region.device)
-            stream.wait_event(self._layer_events()[slots[index]])
+            self._stream_waits_for(slots[index])
 
     def _layer_recorded(self, slot: int, ticket: int, load: _Load) -> bool:
         """Waits on the board for the node to record `slot` for the load `ticket`; a load the
@@ -255,7 +253,8 @@ class WorkerSide:
             self.stats.save_error_blocks += len(block_ids)
             return
         if reply.get("event_slots"):
-            self._wait_for_copies(reply["event_slots"][-1])
+            # The node's copy stream reads the blocks in order: its last event covers them all.
+            self._stream_waits_for(reply["event_slots"][-1])
         self.stats.saved_blocks += reply["stored"]
         self.stats.present_blocks += reply["present"]
         self.stats.dropped_blocks += reply["dropped"]
@@ -266,17 +265,17 @@ class WorkerSide:
         keys: list[bytes] = []
         block_ids: list[int] = []
         for transfer in saves:
-            chain = self._chain(transfer.req_id, transfer.first_block + len(transfer.block_ids))
-            if chain is None:
+            own = self._transfer_keys(transfer)
+            if own is None:
                 self.stats.save_error_blocks += len(transfer.block_ids)
                 continue
-            keys += chain[transfer.first_block :]
+            keys += own
             block_ids += transfer.block_ids
         return keys, block_ids
 
-    def _wait_for_copies(self, slot: int) -> None:
-        """The engine's stream waits (GPU-side) for the node's event recorded after a save's
-        last copy: the node's copy streams read the blocks in order, so that event covers them."""
+    def _stream_waits_for(self, slot: int) -> None:
+        """The engine's current stream waits (GPU-side, no host thread blocks) for the node's
+        event in `slot`: a load's layer landed, or a save's copies read their blocks."""
         assert self.region is not None
         stream = torch.cuda.current_stream(self.region.device)
         stream.wait_event(self._layer_events()[slot])
@@ -345,15 +344,16 @@ class WorkerSide:
     def _submit_load(self, transfer: Transfer) -> concurrent.futures.Future[Reply] | None:
         if self.engine is None:
             self.link.client()  # (re)connecting registers the region
-        keys = self._chain(transfer.req_id, transfer.first_block + len(transfer.block_ids))
+        keys = self._transfer_keys(transfer)
         if self.engine is None or keys is None:
             return None
-        return self.link.submit(
-            "load",
-            engine=self.engine,
-            keys=keys[transfer.first_block :],
-            block_ids=transfer.block_ids,
-        )
+        return self.link.submit("load", engine=self.engine, keys=keys, block_ids=transfer.block_ids)
+
+    def _transfer_keys(self, transfer: Transfer) -> list[bytes] | None:
+        """The keys of the transfer's blocks; None while the request's tokens do not reach them."""
+        end = transfer.first_block + len(transfer.block_ids)
+        chain = self._chain(transfer.req_id, end)
+        return None if chain is None else chain[transfer.first_block :]
 
     def _chain(self, req_id: str, blocks: int) -> list[bytes] | None:
         """The request's first `blocks` keys, extending its cached chain by the new blocks."""
