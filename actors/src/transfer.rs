@@ -12,7 +12,7 @@ use pegaflow_gpu_dma::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
-use crate::metrics::Metrics;
+use crate::metrics::{direction_label, Metrics};
 use crate::page_crc::LayerwiseCrcs;
 use crate::pool::OwnerId;
 
@@ -183,7 +183,7 @@ impl<E: DmaEngine> TransferState<E> {
         let ring = opened.ring.as_mut()?;
         let layers = job.layers.len() as u32;
         let Some(first) = ring.reserve(layers) else {
-            let direction = crate::metrics::direction_label(job.direction);
+            let direction = direction_label(job.direction);
             self.metrics
                 .event_ring_full_total
                 .with_label_values(&[direction])
@@ -230,9 +230,9 @@ fn run_job<E: DmaEngine>(
 }
 
 /// Enqueues every layer (after a wait on the engine's event of that layer when the job names one,
-/// ending each layer with its event slot when reserved) and tells `queued`: before
-/// enqueueing a load with a progress board, whose slots it then arms layer by layer (and marks failed
-/// from the first layer it could not enqueue); after enqueueing without one.
+/// ending each layer with its event slot when reserved) and tells `queued`: before enqueueing a
+/// load with a progress board, whose slots it then arms layer by layer (and marks failed from the
+/// first layer it could not enqueue); after enqueueing without one.
 fn enqueue_answering<E: DmaEngine>(
     engine: &E,
     region: &E::Region,

@@ -50,10 +50,10 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             checksum_pages: blocks.iter().map(|&(_, page)| (page, page_bytes)).collect(),
             wait_events: job.after_events,
         };
-        let pool = ctx.clone();
-        let publish = |crcs| async move { publish(&pool, lease, crcs).await };
+        let node = ctx.clone();
+        let commit = |crcs| async move { publish(&node, lease, crcs).await };
         let written = blocks.len() as u32;
-        match copy_then(ctx, copy, job.answer_when_queued, "save", publish).await? {
+        match copy_then(ctx, copy, job.answer_when_queued, "save", commit).await? {
             Answered::Queued(queued) => {
                 counts.stored = written;
                 counts.event_slots = queued.event_slots;
@@ -76,15 +76,15 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
 }
 
 /// Commits the written pages with their checksums; returns how many became new entries (the
-/// rest were saved by another request meanwhile).
+/// rest were saved by another request meanwhile). `lease` lives until the commit is answered.
 async fn publish(
     ctx: &Arc<NodeContext>,
     lease: TransferLease,
     crcs: Vec<u32>,
 ) -> Result<u32, ProtoError> {
-    let lease = lease.id();
+    let lease_id = lease.id();
     let stored = ask(&ctx.pool, "pool", |reply| PoolMsg::CommitSave {
-        lease,
+        lease: lease_id,
         crcs,
         reply,
     })
