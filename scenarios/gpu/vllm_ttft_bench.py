@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # the GPU host has no flashinfer
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "vllm/llama-3.1-8b-shape/config.json"
 FA3_LINE = "Using FlashAttention version 3"
