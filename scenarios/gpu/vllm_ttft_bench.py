@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,6 +74,13 @@ def size_bytes(text: str) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     return int(text)
+
+
+def p99(samples: list[float]) -> float:
+    """Interpolated between the two largest samples, as numpy's default; one sample is its own."""
+    if len(samples) < 2:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[98]
 
 
 def make_prompts(seed: str, count: int, tokens: int, vocab: int) -> list[list[int]]:
@@ -148,7 +157,7 @@ async def serve_pass(
     return {
         "requests": results,
         "mean_ms": statistics.fmean(ttft),
-        "p99_ms": statistics.quantiles(ttft, n=100, method="inclusive")[98],
+        "p99_ms": p99(ttft),
     }
 
 
@@ -218,12 +227,15 @@ def run_child(
                "--out", str(result_path)]  # fmt: skip
     log_path = out / f"engine-{name}.log"
     with log_path.open("wb") as log:
+        # Its own process group: vLLM's engine core is a grandchild that must go with it.
+        child = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         try:
-            code = subprocess.run(
-                command, stdout=log, stderr=log, timeout=args.engine_timeout, check=False
-            ).returncode
+            code: int | str = child.wait(args.engine_timeout)
         except subprocess.TimeoutExpired:
             code = "timeout"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
     log_text = log_path.read_text(errors="replace")
     if code != 0 or not result_path.exists():
         print(f"engine {name} failed ({code}); end of its log:\n{log_text[-4000:]}", flush=True)
