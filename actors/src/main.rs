@@ -55,7 +55,6 @@ fn main() -> ExitCode {
         let node = match pegaflow_actors::node::start(&config).await {
             Ok(node) => node,
             Err(error) => {
-                tracing::error!(%error, "cannot start");
                 eprintln!("pegaflow-node: {error}");
                 return ExitCode::FAILURE;
             }
