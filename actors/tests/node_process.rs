@@ -87,3 +87,21 @@ fn a_live_nodes_socket_is_refused_once_on_stderr() {
     terminate(&first);
     assert!(first.wait().expect("first node exits").success());
 }
+
+#[test]
+fn sigterm_after_stderr_closed_still_removes_the_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("node.sock");
+    let mut child = node_command(&socket)
+        .args(["--log-level", "debug"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pegaflow-node");
+    wait_until_serving(&mut child, &socket);
+    drop(child.stderr.take());
+    terminate(&child);
+    let status = child.wait().expect("node exits");
+    assert!(status.success(), "exit status {status}");
+    assert!(!socket.exists(), "stale socket left at {socket:?}");
+}
+
