@@ -38,6 +38,10 @@ fn main() -> ExitCode {
         print!("{}", loaded.render());
         return ExitCode::SUCCESS;
     }
+    if let Err(error) = pegaflow_config::check_pool_fits_memory(&loaded) {
+        eprintln!("pegaflow-node: {error}");
+        return ExitCode::from(2);
+    }
     let config = loaded.config;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log.level))

@@ -5,11 +5,16 @@ use std::process::{Child, Command, Output, Stdio};
 
 /// `pegaflow-node` with a small host pool, its socket at `socket`, HTTP on a free port.
 fn node_command(socket: &Path) -> Command {
+    node_with_pool(socket, "16MiB")
+}
+
+/// `pegaflow-node` with a host pool of `pool_size`, its socket at `socket`.
+fn node_with_pool(socket: &Path, pool_size: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pegaflow-node"));
     command
         .arg("--socket")
         .arg(socket)
-        .args(["--http-addr", "127.0.0.1:0", "--pool-size", "16MiB"])
+        .args(["--http-addr", "127.0.0.1:0", "--pool-size", pool_size])
         .args(["--max-page-size", "1MiB", "--dma", "host"])
         .env_remove("PEGAFLOW_CONFIG");
     command
@@ -105,3 +110,24 @@ fn sigterm_after_stderr_closed_still_removes_the_socket() {
     assert!(!socket.exists(), "stale socket left at {socket:?}");
 }
 
+#[test]
+fn a_pool_larger_than_the_hosts_memory_is_refused_naming_pool_size() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("MemTotal in /proc/meminfo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let too_big = format!("{}GiB", total_kib / (1 << 20) + 1);
+    let output = node_with_pool(&dir.path().join("node.sock"), &too_big)
+        .output()
+        .expect("run pegaflow-node");
+    assert_eq!(output.status.code(), Some(2));
+    let line = only_line(&output);
+    assert!(
+        line.contains("pool.size") && line.contains(&too_big) && line.contains("MemTotal"),
+        "{line}"
+    );
+}
