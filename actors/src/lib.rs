@@ -20,6 +20,7 @@ pub mod peers;
 pub mod pool;
 pub mod protocol;
 pub mod session;
+pub mod socket_file;
 pub mod ssd;
 pub mod stats;
 pub mod transfer;

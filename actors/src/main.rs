@@ -38,11 +38,18 @@ fn main() -> ExitCode {
         print!("{}", loaded.render());
         return ExitCode::SUCCESS;
     }
+    if let Err(error) = pegaflow_config::check_pool_fits_memory(&loaded) {
+        eprintln!("pegaflow-node: {error}");
+        return ExitCode::from(2);
+    }
     let config = loaded.config;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log.level))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr must not stop the node: tracing-subscriber would report the failed
+        // write with `eprintln!`, which panics and skips the shutdown that removes the socket.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -55,7 +62,6 @@ fn main() -> ExitCode {
         let node = match pegaflow_actors::node::start(&config).await {
             Ok(node) => node,
             Err(error) => {
-                tracing::error!(%error, "cannot start");
                 eprintln!("pegaflow-node: {error}");
                 return ExitCode::FAILURE;
             }

@@ -13,6 +13,7 @@ from .client import Client
 from .errors import ConnectionLost, PegaFlowError
 from .host_engine import HostKvRegion
 from .keys import Namespace, chain_keys
+from .stats_summary import summarize
 
 DEMO_NAMESPACE = Namespace(
     model="pegaflow-demo/tiny-llama",
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     default_socket = os.environ.get("PEGAFLOW_SOCKET__PATH", "/tmp/pegaflow.sock")
     for name, help_text in [
         ("demo", "save and load a fake KV cache, check it byte for byte"),
-        ("stats", "print the node's stats as JSON"),
+        ("stats", "print a summary of the node's stats (--json: the whole document)"),
     ]:
         command = commands.add_parser(name, help=help_text)
         command.add_argument(
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name == "demo":
             command.add_argument("--blocks", type=int, default=32, help="blocks to save (32)")
+        if name == "stats":
+            command.add_argument(
+                "--json", action="store_true", help="the raw stats document, buckets included"
+            )
     args = parser.parse_args(argv)
     if args.command == "demo" and args.blocks <= 0:
         parser.error("--blocks must be positive")
@@ -99,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with client:
             if args.command == "stats":
-                print(json.dumps(client.stats(), indent=2, sort_keys=True))
+                stats = client.stats()
+                if args.json:
+                    print(json.dumps(stats, indent=2, sort_keys=True))
+                else:
+                    print(summarize(stats))
                 return 0
             return demo(client, args.blocks)
     except (PegaFlowError, TimeoutError) as exc:
