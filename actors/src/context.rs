@@ -11,15 +11,17 @@ use crate::peers::Peers;
 use crate::pool::{PoolMsg, PoolStats};
 use crate::protocol::{ErrorCode, ProtoError};
 use crate::stats::NodeStats;
-use crate::transfer::TransferMsg;
+use crate::topology::HostTopology;
+use crate::transfers::Transfers;
 
 /// Shared, read-mostly node facts handed to each session and the HTTP server.
 pub struct NodeContext {
     pub pool: ActorRef<PoolMsg>,
-    pub transfer: ActorRef<TransferMsg>,
+    /// One transfer actor per GPU and one for host engines.
+    pub transfers: Transfers,
+    /// The NUMA nodes and GPUs served, as `/api/stats` shows them.
+    pub topology: HostTopology,
     pub metrics: Arc<Metrics>,
-    /// Name of the copy engine in use, reported by `hello` and stats.
-    pub dma: &'static str,
     pub max_frame_bytes: u64,
     pub max_page_bytes: u64,
     /// The fabric, when `fabric.enabled`: lookups and loads then cover peers' memory too.
@@ -32,24 +34,29 @@ impl NodeContext {
     /// Bundles the node's shared handles.
     pub fn new(
         pool: ActorRef<PoolMsg>,
-        transfer: ActorRef<TransferMsg>,
+        transfers: Transfers,
+        topology: HostTopology,
         metrics: Arc<Metrics>,
-        dma: &'static str,
         max_frame_bytes: u64,
         max_page_bytes: u64,
         peers: Option<Arc<Peers>>,
     ) -> Self {
         Self {
             pool,
-            transfer,
+            transfers,
+            topology,
             metrics,
-            dma,
             max_frame_bytes,
             max_page_bytes,
             peers,
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// Name of the copy engine in use (`cuda` or `host`), reported by `hello` and stats.
+    pub fn dma(&self) -> &'static str {
+        self.transfers.dma()
     }
 
     /// Stops new work during a graceful shutdown.
@@ -75,9 +82,10 @@ impl NodeContext {
         let mut stats = NodeStats::collect(
             &self.metrics,
             pool,
-            self.dma,
+            self.dma(),
             self.started.elapsed().as_secs(),
         );
+        stats.topology = Some(self.topology.clone());
         stats.fabric = self.peers.as_ref().map(|peers| peers.stats());
         Ok(stats)
     }

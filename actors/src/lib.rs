@@ -22,4 +22,6 @@ pub mod protocol;
 pub mod session;
 pub mod ssd;
 pub mod stats;
+pub mod topology;
 pub mod transfer;
+pub mod transfers;

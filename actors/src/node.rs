@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pegaflow_config::{DmaEngine as DmaChoice, NodeConfig};
-use pegaflow_gpu_dma::{Arena, CudaDmaEngine, DmaEngine, DmaError, HostDmaEngine};
+use pegaflow_config::NodeConfig;
+use pegaflow_gpu_dma::{Arena, DmaError};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
@@ -21,7 +21,8 @@ use crate::peers::{FabricMetrics, Peers};
 use crate::pool::{OwnerId, PoolActor, PoolState};
 use crate::session::{release_session, SessionActor, SessionArgs};
 use crate::ssd::{SsdError, SsdTier};
-use crate::transfer::{TransferActor, TransferMsg, TransferState};
+use crate::topology::HostTopology;
+use crate::transfers::{Transfers, TransfersError};
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +41,8 @@ pub enum StartError {
     },
     #[error("cannot allocate the pool of pool.size {bytes} bytes: {source}")]
     Arena { bytes: u64, source: DmaError },
-    #[error("dma.engine = \"cuda\", but {0}; use \"auto\" or \"host\"")]
-    Cuda(DmaError),
+    #[error(transparent)]
+    Transfers(#[from] TransfersError),
     #[error("cannot start the {0} actor: {1}")]
     Spawn(&'static str, String),
     #[error("cannot register metrics: {0}")]
@@ -184,7 +185,9 @@ impl RunningNode {
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.supervisor.stop(None);
         self.ctx.pool.stop(None);
-        self.ctx.transfer.stop(None);
+        for transfer in self.ctx.transfers.all() {
+            transfer.actor.stop(None);
+        }
         self.http.abort();
         if let Some(otlp) = self.otlp {
             otlp.shutdown().await;
@@ -222,7 +225,10 @@ async fn start_serving(
                 source,
             })?,
         );
-    let (transfer, dma) = spawn_transfer(config, arena.clone(), metrics.clone()).await?;
+    let topology = HostTopology::discover(&config.topology);
+    tracing::info!("host topology:\n{}", topology.render().trim_end());
+    let transfers = Transfers::start(config, &topology, arena.clone(), metrics.clone()).await?;
+    let dma = transfers.dma();
     let ssd = SsdTier::open(&config.ssd, arena.clone(), metrics.clone())?;
     let pool_state = PoolState::new(arena.len(), config.pool.page_align.0, metrics.clone(), ssd);
     let (pool, _) = Actor::spawn(None, PoolActor, pool_state)
@@ -237,9 +243,9 @@ async fn start_serving(
     };
     let ctx = Arc::new(NodeContext::new(
         pool,
-        transfer,
+        transfers,
+        topology,
         metrics,
-        dma,
         config.socket.max_frame.0,
         config.pool.max_page_size.0,
         peers,
@@ -265,61 +271,6 @@ async fn start_serving(
         socket_path: config.socket.path.clone(),
         otlp,
     })
-}
-
-/// Chooses the copy engine (`dma.engine`), says which and why, and starts the transfer actor
-/// on it.
-async fn spawn_transfer(
-    config: &NodeConfig,
-    arena: Arc<Arena>,
-    metrics: Arc<Metrics>,
-) -> Result<(ActorRef<TransferMsg>, &'static str), StartError> {
-    let cuda = || CudaDmaEngine::new(0, arena.clone());
-    match config.dma.engine {
-        DmaChoice::Host => {
-            tracing::info!(dma = "host", "copy engine: host (dma.engine = \"host\")");
-            start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics, |_, _| {}).await
-        }
-        DmaChoice::Cuda => {
-            let engine = cuda().map_err(StartError::Cuda)?;
-            tracing::info!(dma = "cuda", engine = %engine.describe(), "copy engine: cuda (dma.engine = \"cuda\")");
-            start_transfer(engine, arena, metrics, track_pinning).await
-        }
-        DmaChoice::Auto => match cuda() {
-            Ok(engine) => {
-                tracing::info!(dma = "cuda", engine = %engine.describe(), "copy engine: cuda (dma.engine = \"auto\" and a GPU is present)");
-                start_transfer(engine, arena, metrics, track_pinning).await
-            }
-            Err(why) => {
-                tracing::info!(
-                    dma = "host",
-                    "copy engine: host (dma.engine = \"auto\"; {why})"
-                );
-                start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics, |_, _| {}).await
-            }
-        },
-    }
-}
-
-async fn start_transfer<E: DmaEngine>(
-    engine: E,
-    arena: Arc<Arena>,
-    metrics: Arc<Metrics>,
-    watch: fn(&Arc<E>, &Arc<Metrics>),
-) -> Result<(ActorRef<TransferMsg>, &'static str), StartError> {
-    let dma = engine.name();
-    let state = TransferState::new(engine, arena, metrics.clone());
-    watch(state.engine(), &metrics);
-    let (transfer, _) = Actor::spawn(None, TransferActor::<E>::default(), state)
-        .await
-        .map_err(|e| StartError::Spawn("transfer", e.to_string()))?;
-    Ok((transfer, dma))
-}
-
-/// Reports the CUDA engine's background pinning of the pool as `pool_pinned_bytes`.
-fn track_pinning(engine: &Arc<CudaDmaEngine>, metrics: &Arc<Metrics>) {
-    let engine = engine.clone();
-    metrics.track_pinning(move || engine.pin_progress());
 }
 
 /// Binds the connector socket, replacing a stale file but never a live node's socket.

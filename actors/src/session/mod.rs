@@ -26,11 +26,14 @@ use crate::protocol::{
     Request,
 };
 use crate::transfer::{RegionId, TransferMsg};
+use crate::transfers::TransferHandle;
 use responder::{ReplySink, Responder};
 
 /// An engine registered on this session.
 pub struct Engine {
     pub layout: EngineLayout,
+    /// The transfer actor of the engine's GPU, which opened its region.
+    pub transfer: Arc<TransferHandle>,
     pub region: RegionId,
     pub namespace: BlockKey,
     /// How many `engine_events` the engine registered: a save's `after_events` index them.
@@ -126,7 +129,9 @@ impl Actor for SessionActor {
 pub fn release_session(ctx: &NodeContext, id: OwnerId) {
     // A failed send means the pool or transfer actor is already gone (shutdown): nothing to return.
     let _ = ctx.pool.cast(PoolMsg::ReleaseOwner { owner: id });
-    let _ = ctx.transfer.cast(TransferMsg::CloseOwner { owner: id });
+    for transfer in ctx.transfers.all() {
+        let _ = transfer.actor.cast(TransferMsg::CloseOwner { owner: id });
+    }
     ctx.metrics.sessions.dec();
 }
 

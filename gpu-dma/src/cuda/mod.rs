@@ -35,6 +35,7 @@ pub use kernel::KernelConfig;
 pub use pinned::{PinProgress, PIN_CHUNK_BYTES};
 pub use region::CudaRegion;
 
+pub(crate) use driver::pci_bus_id_of;
 use driver::{bind, DeviceInfo};
 use events::End;
 use kernel::{build_descriptors, Kernel};
@@ -90,7 +91,8 @@ pub struct CudaDmaEngine {
     load: Lane,
     /// The mover of saves (`[0]`) and of loads (`[1]`).
     active: [RwLock<Active>; 2],
-    pinned: PinnedArena,
+    /// Shared by every engine of the process: the registration is portable to all contexts.
+    pinned: Arc<PinnedArena>,
     arena: Arc<Arena>,
     info: DeviceInfo,
     ordinal: usize,
@@ -111,13 +113,33 @@ impl CudaDmaEngine {
     /// Returns [`DmaError::CudaUnavailable`] when there is no usable driver or device, so the
     /// node can log why and use the host engine.
     pub fn new(ordinal: usize, arena: Arc<Arena>) -> Result<CudaDmaEngine, DmaError> {
+        Self::open(ordinal, arena, None)
+    }
+
+    /// Opens device `ordinal` copying into the arena `first` copies into, without pinning it
+    /// again: the arena is registered once, portable to every context of the process
+    /// (`CU_MEMHOSTREGISTER_PORTABLE`), so each GPU's engine addresses the same pinned pages.
+    pub fn alongside(ordinal: usize, first: &CudaDmaEngine) -> Result<CudaDmaEngine, DmaError> {
+        Self::open(ordinal, first.arena.clone(), Some(first.pinned.clone()))
+    }
+
+    fn open(
+        ordinal: usize,
+        arena: Arc<Arena>,
+        pinned: Option<Arc<PinnedArena>>,
+    ) -> Result<CudaDmaEngine, DmaError> {
         let started = Instant::now();
         let (ctx, info) = driver::open_device(ordinal)?;
         let context_s = started.elapsed().as_secs_f64();
         let save = Lane::new(&ctx)?;
         let load = Lane::new(&ctx)?;
-        place_arena(&ctx, &arena);
-        let pinned = PinnedArena::start(ctx.clone(), arena.clone())?;
+        let pinned = match pinned {
+            Some(pinned) => pinned,
+            None => {
+                place_arena(&ctx, &arena);
+                Arc::new(PinnedArena::start(ctx.clone(), arena.clone())?)
+            }
+        };
         let compile_started = Instant::now();
         let (save_path, load_path, fallback_reason) = default_paths(&ctx, &info)?;
         let startup = format!(
@@ -478,7 +500,6 @@ impl DmaEngine for CudaDmaEngine {
                 handle,
                 offset,
                 bytes,
-                device: _,
                 engine_events,
             } => CudaRegion::open_ipc(
                 &self.ctx,

@@ -9,7 +9,7 @@ pub fn handle(ctx: &NodeContext, req: &HelloRequest) -> Result<ReplyBody, ProtoE
     Ok(ReplyBody::Hello(HelloReply {
         protocol: PROTOCOL_VERSION,
         node: concat!("pegaflow-node ", env!("CARGO_PKG_VERSION")).to_string(),
-        dma: ctx.dma.to_string(),
+        dma: ctx.dma().to_string(),
         pool_bytes: ctx.metrics.pool_capacity_bytes.get().max(0) as u64,
         max_frame_bytes: ctx.max_frame_bytes,
     }))

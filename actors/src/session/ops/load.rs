@@ -35,10 +35,16 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             wait_events: Vec::new(),
         };
         // The pages stay pinned by `leases` until the copies are done, answered early or not.
-        let copied = copy_then(ctx, copy, true, "load", |_| async move {
-            drop(leases);
-            Ok(())
-        });
+        let copied = copy_then(
+            &job.engine.transfer.actor,
+            copy,
+            true,
+            "load",
+            |_| async move {
+                drop(leases);
+                Ok(())
+            },
+        );
         match copied.await? {
             Answered::Queued(queued) => queued,
             Answered::Done(()) => QueuedCopy::default(),

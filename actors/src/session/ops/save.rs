@@ -53,7 +53,15 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
         let node = ctx.clone();
         let commit = |crcs| async move { publish(&node, lease, crcs).await };
         let written = blocks.len() as u32;
-        match copy_then(ctx, copy, job.answer_when_queued, "save", commit).await? {
+        match copy_then(
+            &job.engine.transfer.actor,
+            copy,
+            job.answer_when_queued,
+            "save",
+            commit,
+        )
+        .await?
+        {
             Answered::Queued(queued) => {
                 counts.stored = written;
                 counts.event_slots = queued.event_slots;
