@@ -8,7 +8,7 @@ use ractor::{ActorRef, RpcReplyPort};
 
 use crate::metrics::Metrics;
 use crate::peers::Peers;
-use crate::pool::{PoolMsg, PoolStats};
+use crate::pools::{self, Pools};
 use crate::protocol::{ErrorCode, ProtoError};
 use crate::stats::NodeStats;
 use crate::topology::HostTopology;
@@ -16,7 +16,8 @@ use crate::transfers::Transfers;
 
 /// Shared, read-mostly node facts handed to each session and the HTTP server.
 pub struct NodeContext {
-    pub pool: ActorRef<PoolMsg>,
+    /// One pool per NUMA node.
+    pub pools: Pools,
     /// One transfer actor per GPU and one for host engines.
     pub transfers: Transfers,
     /// The NUMA nodes and GPUs served, as `/api/stats` shows them.
@@ -33,7 +34,7 @@ pub struct NodeContext {
 impl NodeContext {
     /// Bundles the node's shared handles.
     pub fn new(
-        pool: ActorRef<PoolMsg>,
+        pools: Pools,
         transfers: Transfers,
         topology: HostTopology,
         metrics: Arc<Metrics>,
@@ -42,7 +43,7 @@ impl NodeContext {
         peers: Option<Arc<Peers>>,
     ) -> Self {
         Self {
-            pool,
+            pools,
             transfers,
             topology,
             metrics,
@@ -76,16 +77,17 @@ impl NodeContext {
         }
     }
 
-    /// The stats document, asking the pool for its occupancy.
+    /// The stats document, asking each pool for its occupancy.
     pub async fn stats(&self) -> Result<NodeStats, ProtoError> {
-        let pool: PoolStats = ask(&self.pool, "pool", |reply| PoolMsg::Stats { reply }).await?;
+        let per_node = self.pools.stats().await?;
         let mut stats = NodeStats::collect(
             &self.metrics,
-            pool,
+            pools::total(&per_node),
             self.dma(),
             self.started.elapsed().as_secs(),
         );
         stats.topology = Some(self.topology.clone());
+        stats.pools = per_node;
         stats.fabric = self.peers.as_ref().map(|peers| peers.stats());
         Ok(stats)
     }

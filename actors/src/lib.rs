@@ -18,6 +18,7 @@ pub mod otlp;
 pub mod page_crc;
 pub mod peers;
 pub mod pool;
+pub mod pools;
 pub mod protocol;
 pub mod session;
 pub mod ssd;

@@ -18,7 +18,8 @@ use tokio::task::JoinHandle;
 use crate::context::NodeContext;
 use crate::metrics::Metrics;
 use crate::peers::{FabricMetrics, Peers};
-use crate::pool::{OwnerId, PoolActor, PoolState};
+use crate::pool::{Extent, OwnerId, PoolActor, PoolState};
+use crate::pools::{self, PoolHandle, Pools};
 use crate::session::{release_session, SessionActor, SessionArgs};
 use crate::ssd::{SsdError, SsdTier};
 use crate::topology::HostTopology;
@@ -184,7 +185,9 @@ impl RunningNode {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.supervisor.stop(None);
-        self.ctx.pool.stop(None);
+        for pool in self.ctx.pools.all() {
+            pool.actor.stop(None);
+        }
         for transfer in self.ctx.transfers.all() {
             transfer.actor.stop(None);
         }
@@ -227,22 +230,21 @@ async fn start_serving(
         );
     let topology = HostTopology::discover(&config.topology);
     tracing::info!("host topology:\n{}", topology.render().trim_end());
+    let plan = pools::plan(config, &topology, arena.len());
+    pools::place(&arena, &plan);
     let transfers = Transfers::start(config, &topology, arena.clone(), metrics.clone()).await?;
     let dma = transfers.dma();
-    let ssd = SsdTier::open(&config.ssd, arena.clone(), metrics.clone())?;
-    let pool_state = PoolState::new(arena.len(), config.pool.page_align.0, metrics.clone(), ssd);
-    let (pool, _) = Actor::spawn(None, PoolActor, pool_state)
-        .await
-        .map_err(|e| StartError::Spawn("pool", e.to_string()))?;
+    let pools = spawn_pools(config, &plan, &arena, &metrics).await?;
     let peers = match config.fabric.enabled {
         true => {
             let fabric_metrics = FabricMetrics::new(metrics.registry())?;
-            Some(Peers::start(&config.fabric, pool.clone(), arena.clone(), fabric_metrics).await?)
+            let pool = pools.first().clone();
+            Some(Peers::start(&config.fabric, pool, arena.clone(), fabric_metrics).await?)
         }
         false => None,
     };
     let ctx = Arc::new(NodeContext::new(
-        pool,
+        pools,
         transfers,
         topology,
         metrics,
@@ -271,6 +273,31 @@ async fn start_serving(
         socket_path: config.socket.path.clone(),
         otlp,
     })
+}
+
+/// Starts one pool actor per entry of `plan`; the SSD tier (on only with a single pool) goes
+/// to the first.
+async fn spawn_pools(
+    config: &NodeConfig,
+    plan: &[(u32, Extent)],
+    arena: &Arc<Arena>,
+    metrics: &Arc<Metrics>,
+) -> Result<Pools, StartError> {
+    let mut pools = Vec::with_capacity(plan.len());
+    for (i, &(numa_node, span)) in plan.iter().enumerate() {
+        let ssd = match i {
+            0 => SsdTier::open(&config.ssd, arena.clone(), metrics.clone())?,
+            _ => None,
+        };
+        let align = config.pool.page_align.0;
+        let state = PoolState::over(span, numa_node, align, metrics.clone(), ssd);
+        let (actor, _) = Actor::spawn(None, PoolActor, state)
+            .await
+            .map_err(|e| StartError::Spawn("pool", e.to_string()))?;
+        tracing::info!(numa_node, bytes = span.len, "pool started");
+        pools.push(PoolHandle { numa_node, actor });
+    }
+    Ok(Pools::new(pools))
 }
 
 /// Binds the connector socket, replacing a stale file but never a live node's socket.

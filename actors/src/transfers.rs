@@ -45,8 +45,9 @@ pub struct Transfers {
 
 impl Transfers {
     /// Starts one actor per GPU of `topology` and one for host engines. CUDA GPUs get a CUDA
-    /// engine when `dma.engine` allows and the device opens (the first one pins `arena`, the
-    /// others share its registration); with `dma.engine = "cuda"` every one must open.
+    /// engine when `dma.engine` allows and the device opens (the first one pins `arena`, which
+    /// the node placed on its NUMA nodes, the others share its registration); with
+    /// `dma.engine = "cuda"` every one must open.
     pub async fn start(
         config: &NodeConfig,
         topology: &HostTopology,
@@ -180,7 +181,7 @@ fn open_cuda(
     }
     let opened = match first {
         Some(first) => CudaDmaEngine::alongside(ordinal, first),
-        None => CudaDmaEngine::new(ordinal, arena.clone()),
+        None => CudaDmaEngine::over_placed(ordinal, arena.clone()),
     };
     match (opened, choice) {
         (Ok(engine), _) => {

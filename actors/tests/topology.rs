@@ -103,6 +103,14 @@ async fn four_ranks_on_four_gpus_round_trip_at_once_each_on_its_own_transfer_act
     }
     let host = stats.transfers.iter().find(|d| d.device == "host");
     assert_eq!(host.map(|d| d.save.bytes + d.load.bytes), Some(0));
+    // Each rank's 6 blocks went to its GPU's NUMA node: ranks 0 and 1 to node 0, 2 and 3 to 1.
+    let pages: Vec<_> = stats
+        .pools
+        .iter()
+        .map(|p| (p.numa_node, p.pool.pages))
+        .collect();
+    assert_eq!(pages, [(0, 12), (1, 12)]);
+    assert_eq!(stats.pool.pages, 24);
     let topology = stats.topology.expect("topology in stats");
     assert_eq!(topology.numa_nodes, [0, 1]);
     let placed: Vec<_> = topology
@@ -172,5 +180,85 @@ async fn a_region_naming_an_unknown_gpu_or_a_gpu_region_naming_none_is_refused()
         .register(region.register_request())
         .await
         .expect("register without a GPU");
+    node.shutdown().await;
+}
+
+/// Pages of each NUMA node's pool, in node order.
+async fn pool_pages(client: &mut Client) -> Vec<(u32, u64)> {
+    let stats = client.stats().await.expect("stats").stats;
+    stats
+        .pools
+        .iter()
+        .map(|p| (p.numa_node, p.pool.pages))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saves_land_near_and_a_block_only_the_far_pool_holds_is_a_hit_that_loads_exact() {
+    let (config, _dir) = two_by_two();
+    let node = start(&config).await.expect("node starts");
+    let source = ShmRegion::new("far-src", "vllm_lbnhc", 3, 8);
+    let mut target = ShmRegion::new("far-dst", "vllm_lbnhc", 3, 8);
+    let mut client = Client::connect(node.socket_path()).await.expect("connect");
+    // The same model on GPU rank-1 (node 0) and GPU rank-2 (node 1).
+    let on = |region: &ShmRegion, gpu: &str| {
+        let mut req = region.register_request();
+        req.namespace.model = "shared-model".into();
+        req.region.gpu = Some(gpu.into());
+        req
+    };
+    let near = client
+        .register(on(&source, "rank-1"))
+        .await
+        .expect("register");
+    let far = client
+        .register(on(&target, "rank-2"))
+        .await
+        .expect("register");
+    assert_eq!(near.namespace, far.namespace);
+    let namespace: [u8; 32] = near.namespace.clone().try_into().expect("32 bytes");
+    let keys = chain_keys(&namespace, &(0..16 * 4).collect::<Vec<u32>>(), 16);
+    assert_eq!(pool_pages(&mut client).await, [(0, 0), (1, 0)]);
+    let saved = client
+        .save(near.engine, &keys[..3], &[5, 2, 7])
+        .await
+        .expect("save");
+    assert_eq!(saved.stored, 3);
+    assert_eq!(
+        pool_pages(&mut client).await,
+        [(0, 3), (1, 0)],
+        "saved near"
+    );
+
+    // The GPU on node 1 saves the 3 blocks again and a fourth: only the fourth is new, in its
+    // own pool; the 3 stay once, in node 0's.
+    let again = client
+        .save(far.engine, &keys, &[0, 1, 2, 3])
+        .await
+        .expect("save");
+    assert_eq!((again.stored, again.present), (1, 3));
+    assert_eq!(
+        pool_pages(&mut client).await,
+        [(0, 3), (1, 1)],
+        "stored once"
+    );
+
+    // Blocks 0-2 are only in the far pool for node 1's GPU, block 3 in its own: all 4 hit and
+    // load exact, across both pools.
+    assert_eq!(client.lookup(&keys, false).await.expect("lookup").hits, 4);
+    let lookup = client.lookup(&keys, true).await.expect("lookup");
+    let lease = lookup.lease.expect("leased");
+    assert_eq!(client.release(lease).await.expect("release").released, 4);
+    let saved_from_far = target.block(3);
+    target.map.fill(0);
+    let loaded = client
+        .load(far.engine, &keys, &[4, 5, 6, 7])
+        .await
+        .expect("load");
+    assert_eq!(loaded.loaded, 4);
+    for (dst, src) in [(4, 5), (5, 2), (6, 7)] {
+        assert_eq!(target.block(dst), source.block(src), "block {dst}");
+    }
+    assert_eq!(target.block(7), saved_from_far, "block 7");
     node.shutdown().await;
 }

@@ -182,6 +182,8 @@ function render() {
       `${cell(l.p90_seconds, "seconds")}${cell(l.p99_seconds, "seconds")}</tr>`).join("") ||
     `<tr><td colspan="5" class="muted">no requests yet</td></tr>`);
   renderTopology(s.topology);
+  rows("numa-pool-rows", (s.pools || []).map((p) => `<tr data-numa-node="${p.numa_node}"><td>${p.numa_node}</td>` +
+    `${cell(p.used_bytes, "bytes")}${cell(p.capacity_bytes, "bytes")}${cell(p.pages, "count")}${cell(p.evictions, "count")}</tr>`).join(""));
   rows("device-rows", s.transfers.flatMap((d) => ["save", "load"].map((dir) => {
     const x = d[dir];
     return `<tr data-device="${d.device}" data-dir="${dir}"><td>${d.device}</td><td>${dir}</td>${cell(x.bytes, "bytes")}` +

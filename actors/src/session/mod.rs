@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::context::NodeContext;
 use crate::keys::BlockKey;
 use crate::layout::EngineLayout;
-use crate::pool::{OwnerId, PoolMsg};
+use crate::pool::OwnerId;
 use crate::protocol::{
     decode_request, encode_frame, encode_reply, read_frame, ErrorCode, FrameError, ProtoError,
     Request,
@@ -128,7 +128,7 @@ impl Actor for SessionActor {
 /// by the node when a session actor fails, so a crash leaks nothing.
 pub fn release_session(ctx: &NodeContext, id: OwnerId) {
     // A failed send means the pool or transfer actor is already gone (shutdown): nothing to return.
-    let _ = ctx.pool.cast(PoolMsg::ReleaseOwner { owner: id });
+    ctx.pools.release_owner(id);
     for transfer in ctx.transfers.all() {
         let _ = transfer.actor.cast(TransferMsg::CloseOwner { owner: id });
     }
