@@ -16,6 +16,10 @@ struct Cli {
     /// Print the effective configuration, with where each value came from, and exit.
     #[arg(long)]
     print_config: bool,
+    /// Print the host's NUMA nodes and GPUs as the node would serve them (the driver's GPUs
+    /// plus `topology` from the config), and exit.
+    #[arg(long)]
+    print_topology: bool,
     /// Verify every page of the SSD tier in DIR offline (the node must not be using it), print
     /// a summary, and exit: 0 when clean, 1 when corrupt pages were found, 2 when DIR is unreadable.
     #[arg(long, value_name = "DIR")]
@@ -36,6 +40,11 @@ fn main() -> ExitCode {
     };
     if cli.print_config {
         print!("{}", loaded.render());
+        return ExitCode::SUCCESS;
+    }
+    if cli.print_topology {
+        let topology = pegaflow_actors::topology::HostTopology::discover(&loaded.config.topology);
+        print!("{}", topology.render());
         return ExitCode::SUCCESS;
     }
     if let Err(error) = pegaflow_config::check_pool_fits_memory(&loaded) {

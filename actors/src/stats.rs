@@ -268,6 +268,12 @@ pub struct NodeStats {
     /// The fabric; absent when `fabric.enabled` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fabric: Option<crate::peers::FabricStats>,
+    /// Each NUMA node's pool (`pool` is their sum).
+    #[serde(default)]
+    pub pools: Vec<crate::pools::NumaPoolStats>,
+    /// The NUMA nodes and GPUs the node serves (absent from `stats` replies of older nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<crate::topology::HostTopology>,
 }
 
 impl NodeStats {
@@ -307,6 +313,8 @@ impl NodeStats {
             requests,
             errors: counts_by(&metrics.errors_total, "code"),
             fabric: None,
+            pools: Vec::new(),
+            topology: None,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `TransferActor`: one per copy device (one per GPU; one host engine without a GPU). Owns the
+//! `TransferActor`: one per copy device (one per GPU; one for host engines naming no GPU). Owns the
 //! DMA engine and the engine regions opened on it, and runs copy jobs off the actor's thread
 //! so saves and loads proceed concurrently, as CUDA streams will.
 
@@ -126,6 +126,8 @@ struct Reservation {
 
 /// The engine, the arena it copies into, and the regions opened so far.
 pub struct TransferState<E: DmaEngine> {
+    /// `host` or the GPU's UUID: the `device` label of this actor's metrics.
+    device: Arc<str>,
     engine: Arc<E>,
     arena: Arc<Arena>,
     regions: HashMap<RegionId, Opened<E::Region>>,
@@ -134,10 +136,11 @@ pub struct TransferState<E: DmaEngine> {
 }
 
 impl<E: DmaEngine> TransferState<E> {
-    /// State for an engine copying into `arena`.
-    pub fn new(engine: E, arena: Arc<Arena>, metrics: Arc<Metrics>) -> Self {
-        metrics.add_device(engine.name());
+    /// State for the engine of `device` copying into `arena`.
+    pub fn new(device: &str, engine: E, arena: Arc<Arena>, metrics: Arc<Metrics>) -> Self {
+        metrics.add_device(device);
         Self {
+            device: device.into(),
             engine: Arc::new(engine),
             arena,
             metrics,
@@ -352,6 +355,7 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                 let engine = state.engine.clone();
                 let arena = state.arena.clone();
                 let metrics = state.metrics.clone();
+                let device = state.device.clone();
                 tokio::task::spawn_blocking(move || {
                     let started = std::time::Instant::now();
                     let result = run_job(
@@ -365,7 +369,7 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                     );
                     if result.is_ok() {
                         metrics.transfer_done(
-                            engine.name(),
+                            &device,
                             job.direction,
                             job.bytes(),
                             started.elapsed(),
@@ -690,7 +694,7 @@ mod tests {
         let calls = journal.calls.clone();
         let arena = Arc::new(Arena::new(4096, "transfer-journal-test").expect("arena"));
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let state = TransferState::new(journal, arena, metrics.clone());
+        let state = TransferState::new("journal", journal, arena, metrics.clone());
         let (actor, _) = Actor::spawn(None, TransferActor::default(), state)
             .await
             .expect("spawn");

@@ -124,17 +124,29 @@ async fn node_errors_name_the_field_and_keep_the_connection() {
             other => panic!("expected bad_field, got {other:?}"),
         }
     }
-    let mut gpu_on_host = region.register_request();
-    gpu_on_host.region = RegionSpec {
-        cuda_ipc: Some(vec![0; 64]),
-        bytes: gpu_on_host.region.bytes,
-        ..RegionSpec::default()
-    };
-    match client.register(gpu_on_host).await {
-        Err(ClientError::Node(e)) => {
-            assert_eq!(e.code, ErrorCode::RegionUnavailable, "{}", e.message)
+    // A GPU region on a host serving no GPU: it must name its GPU, and no GPU named is served.
+    for (gpu, why) in [
+        (None, "must name the UUID of the GPU"),
+        (
+            Some("GPU-00112233-4455-6677-8899-aabbccddeeff"),
+            "(GPUs: none)",
+        ),
+    ] {
+        let mut gpu_on_host = region.register_request();
+        gpu_on_host.region = RegionSpec {
+            cuda_ipc: Some(vec![0; 64]),
+            gpu: gpu.map(str::to_owned),
+            bytes: gpu_on_host.region.bytes,
+            ..RegionSpec::default()
+        };
+        match client.register(gpu_on_host).await {
+            Err(ClientError::Node(e)) => {
+                assert_eq!(e.code, ErrorCode::BadField, "{}", e.message);
+                assert!(e.message.contains("field `region.gpu`"), "{}", e.message);
+                assert!(e.message.contains(why), "{}", e.message);
+            }
+            other => panic!("expected bad_field naming region.gpu, got {other:?}"),
         }
-        other => panic!("expected region_unavailable on the host engine, got {other:?}"),
     }
     let engine = client
         .register(region.register_request())

@@ -97,6 +97,18 @@ pub(crate) const KEYS: &[Key] = {
             Text,
             "trace, debug, info, warn, error or a filter such as \"pegaflow=debug,info\"",
         ),
+        key(
+            "topology.numa_nodes",
+            None,
+            Value,
+            "a list of NUMA node numbers such as [0, 1]",
+        ),
+        key(
+            "topology.gpus",
+            None,
+            Value,
+            "a list of tables such as [{ uuid = \"host-gpu-0\", numa_node = 0 }]",
+        ),
     ]
 };
 

@@ -584,3 +584,41 @@ fn docs_example_file_loads() {
         assert_eq!(origin, &expected, "{} in docs example", key.name);
     }
 }
+
+#[test]
+fn topology_declares_host_gpus_on_numa_nodes() {
+    let file = toml_file(
+        "[topology]\nnuma_nodes = [0, 1]\n\
+         gpus = [{ uuid = \"rank-0\", numa_node = 0 }, { uuid = \"rank-1\", numa_node = 1 }]\n",
+    );
+    let loaded = load_from(&with_file(file.path(), &[]), env(&[])).unwrap();
+    let topology = &loaded.config.topology;
+    assert_eq!(topology.numa_nodes, [0, 1]);
+    assert_eq!(topology.gpus[1].uuid, "rank-1");
+    assert_eq!(topology.gpus[1].numa_node, 1);
+    let rendered = loaded.render();
+    assert!(
+        render_line(&rendered, "topology.gpus")
+            .contains(r#"{ "numa_node" = 0, "uuid" = "rank-0" }"#),
+        "{rendered}"
+    );
+
+    for (text, why) in [
+        (
+            "[topology]\ngpus = [{ uuid = \"a\", numa_node = 0 }, { uuid = \"a\", numa_node = 0 }]\n",
+            "distinct, non-empty uuids (entry 1 is \"a\")",
+        ),
+        (
+            "[topology]\nnuma_nodes = [0]\ngpus = [{ uuid = \"a\", numa_node = 1 }]\n",
+            "on nodes of topology.numa_nodes (entry 0 is on node 1)",
+        ),
+    ] {
+        let file = toml_file(text);
+        let error = error_line(&with_file(file.path(), &[]), &[]);
+        assert!(error.starts_with("config key topology.gpus = "), "{error}");
+        assert!(error.contains(why), "{error}");
+    }
+    let file = toml_file("[topology]\nnuma_nodes = [1, 1]\n");
+    let error = error_line(&with_file(file.path(), &[]), &[]);
+    assert!(error.contains("distinct NUMA node numbers"), "{error}");
+}

@@ -122,6 +122,37 @@ pub(crate) fn validate(config: &NodeConfig, sources: &Sources) -> Result<(), Con
         "an http:// or https:// URL".to_owned(),
     )?;
 
+    let topology = &config.topology;
+    let mut nodes = topology.numa_nodes.clone();
+    nodes.sort_unstable();
+    nodes.dedup();
+    check(
+        nodes.len() == topology.numa_nodes.len(),
+        "topology.numa_nodes",
+        "a list of distinct NUMA node numbers".to_owned(),
+    )?;
+    for (i, gpu) in topology.gpus.iter().enumerate() {
+        check(
+            !gpu.uuid.trim().is_empty()
+                && !topology.gpus[..i]
+                    .iter()
+                    .any(|other| other.uuid == gpu.uuid),
+            "topology.gpus",
+            format!(
+                "GPUs with distinct, non-empty uuids (entry {i} is {:?})",
+                gpu.uuid
+            ),
+        )?;
+        check(
+            nodes.is_empty() || nodes.contains(&gpu.numa_node),
+            "topology.gpus",
+            format!(
+                "GPUs on nodes of topology.numa_nodes (entry {i} is on node {})",
+                gpu.numa_node
+            ),
+        )?;
+    }
+
     let level = config.log.level.as_str();
     check(
         LOG_LEVELS.contains(&level) || level.contains('='),

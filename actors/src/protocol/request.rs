@@ -36,9 +36,10 @@ pub struct RegionSpec {
     /// Where the KV buffer starts inside the IPC allocation.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub offset: u64,
-    /// CUDA device ordinal of the allocation.
+    /// The GPU the region belongs to, by UUID (`GPU-...`, as `nvidia-smi -L` prints it): required
+    /// with `cuda_ipc`; with `shm`, a GPU of the node's `topology.gpus` or none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<u32>,
+    pub gpu: Option<String>,
     pub bytes: u64,
 }
 

@@ -18,7 +18,7 @@ pub fn handle(ctx: &NodeContext, req: &HelloRequest) -> Result<ReplyBody, ProtoE
         protocol: PROTOCOL_VERSION,
         node: format!("pegaflow-node {PACKAGE_VERSION}"),
         version: PACKAGE_VERSION.to_string(),
-        dma: ctx.dma.to_string(),
+        dma: ctx.dma().to_string(),
         pool_bytes: ctx.metrics.pool_capacity_bytes.get().max(0) as u64,
         max_frame_bytes: ctx.max_frame_bytes,
     }))
