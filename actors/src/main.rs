@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pegaflow_config::ConfigArgs;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// PegaFlow KV-cache node: one per host, shared by every inference engine on it.
 #[derive(Parser, Debug)]
@@ -68,6 +68,15 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Listening before the socket exists makes a SIGTERM that arrives while the node starts
+        // a drain that removes the socket, not the default action that kills and leaves it.
+        let mut signals = match StopSignals::listen() {
+            Ok(signals) => signals,
+            Err(error) => {
+                eprintln!("pegaflow-node: cannot listen for SIGTERM and SIGINT: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
         let node = match pegaflow_actors::node::start(&config).await {
             Ok(node) => node,
             Err(error) => {
@@ -75,9 +84,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if let Err(error) = wait_for_signal().await {
-            tracing::error!(%error, "cannot listen for signals; shutting down");
-        }
+        signals.recv().await;
         node.shutdown().await;
         ExitCode::SUCCESS
     })
@@ -100,12 +107,26 @@ fn check_ssd(dir: &Path) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+/// SIGTERM and SIGINT, the two ways to ask the node to drain and stop.
+struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    /// Takes over both signals from their default action (termination).
+    fn listen() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    /// Waits for either, including one that arrived since `listen`.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = self.int.recv() => tracing::info!("SIGINT: draining"),
+        }
+    }
 }

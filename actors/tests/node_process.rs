@@ -111,6 +111,26 @@ fn sigterm_after_stderr_closed_still_removes_the_socket() {
 }
 
 #[test]
+fn sigterm_as_soon_as_the_socket_exists_still_removes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("node.sock");
+    let mut child = node_command(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pegaflow-node");
+    while !socket.exists() {
+        if let Some(status) = child.try_wait().expect("poll the node") {
+            panic!("pegaflow-node exited before binding: {status}");
+        }
+        std::thread::yield_now();
+    }
+    terminate(&child);
+    let status = child.wait().expect("node exits");
+    assert!(status.success(), "exit status {status}");
+    assert!(!socket.exists(), "stale socket left at {socket:?}");
+}
+
+#[test]
 fn a_pool_larger_than_the_hosts_memory_is_refused_naming_pool_size() {
     let meminfo = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
     let total_kib: u64 = meminfo

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .client import Client
-from .errors import ConnectionLost, PegaFlowError
+from .errors import ConnectionLost, IncompatibleVersion, PegaFlowError
 from .host_engine import HostKvRegion
 from .keys import Namespace, chain_keys
 from .stats_summary import summarize
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             f"cannot connect to pegaflow-node at {args.socket}: is it running? ({reason})",
             file=sys.stderr,
         )
+        return 2
+    except IncompatibleVersion as exc:
+        print(f"pegaflow {args.command}: {exc}", file=sys.stderr)
         return 2
     try:
         with client:

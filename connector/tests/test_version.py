@@ -5,9 +5,11 @@ side is older; a patch difference and a client older than the check keep working
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
-from conftest import NodeProcess
+from conftest import CONNECTOR_DIR, NodeProcess
 from enginekit import RawConnection
 
 import pegaflow.client
@@ -122,3 +124,21 @@ def test_the_connectors_link_turns_itself_off_with_one_warning(
     patched = NodeLink(config, "worker")
     assert patched.client() is not None
     patched.close()
+
+
+@pytest.mark.integration
+def test_the_command_line_says_the_one_line_and_exits_2(node: NodeProcess) -> None:
+    newer = f"{MAJOR}.{MINOR + 1}.0"
+    script = (
+        f"import sys, pegaflow.client; pegaflow.client.__version__ = {newer!r}; "
+        "from pegaflow.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "stats", "--socket", str(node.socket)],
+        capture_output=True, text=True, timeout=60, cwd=CONNECTOR_DIR, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"pegaflow stats: pegaflow {newer} (client) and pegaflow-node {__version__} are "
+        f"incompatible (major.minor must match); upgrade pegaflow-node to {MAJOR}.{MINOR + 1}.x\n"
+    )
