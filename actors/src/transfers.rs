@@ -349,6 +349,14 @@ struct SupervisorState {
 }
 
 impl SupervisorState {
+    /// The restart counter of `handle`'s actor.
+    fn restarts(&self, handle: &TransferHandle) -> prometheus::IntCounter {
+        let actor = format!("transfer:{}", handle.device);
+        self.metrics
+            .actor_restarts_total
+            .with_label_values(&[actor.as_str()])
+    }
+
     /// Starts `handle`'s actor linked to `supervisor` and watches it.
     async fn start(
         &mut self,
@@ -360,6 +368,8 @@ impl SupervisorState {
             .spawn(supervisor)
             .await
             .map_err(|e| e.to_string())?;
+        // The actor's restart counter is exported from its first start, at 0.
+        self.restarts(&handle);
         self.watched.insert(actor.get_id(), handle.clone());
         handle.set_actor(Some(actor));
         Ok(())
@@ -419,11 +429,7 @@ impl Actor for TransferSupervisor {
             return Ok(());
         }
         let restarts = handle.recent_restarts(Some(Instant::now()));
-        state
-            .metrics
-            .actor_restarts_total
-            .with_label_values(&[&format!("transfer:{}", handle.device)])
-            .inc();
+        state.restarts(&handle).inc();
         tracing::error!(
             device = %handle.device,
             reason = %why,
