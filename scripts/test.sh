@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+python3 scripts/check-repo-paths.py   # a fresh clone has nothing beside it
 bash scripts/install-observability-deps.sh
 bash scripts/install-build-deps.sh
 cargo fmt --all --check

@@ -1,4 +1,4 @@
-//! Block keys (DESIGN §4): a namespace hash per model/layout/rank, then a chain of SHA-256
+//! Block keys (docs/design.md §4): a namespace hash per model/layout/rank, then a chain of SHA-256
 //! digests over the token ids of each full block, so equal prefixes give equal keys in every
 //! engine and different models, dtypes, layouts or ranks can never collide.
 

@@ -1,5 +1,5 @@
 //! The PegaFlow node: ractor actors that keep engines' KV blocks in a shared pool and move
-//! them between the pool and engines' KV memory (DESIGN.md §5), the connector socket
+//! them between the pool and engines' KV memory (docs/design.md §5), the connector socket
 //! protocol (§7), and the HTTP endpoints for operators (§8).
 //!
 //! `pegaflow-node` (src/main.rs) only parses its config and runs [`node::Node`].

@@ -1,5 +1,5 @@
 //! OTLP export (gRPC) of the node's metrics and of one trace span per socket request, when
-//! `otlp.endpoint` is set (DESIGN §8). Off by default; when off nothing here runs and the only
+//! `otlp.endpoint` is set (docs/design.md §8). Off by default; when off nothing here runs and the only
 //! cost on a request is one empty `OnceLock` read in [`Metrics`].
 //!
 //! Metrics are not defined twice: every counter and gauge of the Prometheus registry is

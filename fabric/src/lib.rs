@@ -1,5 +1,5 @@
 //! PegaFlow fabric: how nodes find each other, learn which blocks each holds, and move pages
-//! between them (DESIGN §6).
+//! between them (docs/design.md §6).
 //!
 //! - [`Cluster`] is the membership handle. It wraps chitchat gossip and hides it entirely:
 //!   callers see [`Member`]s, a [`MemberChange`] stream, a key-publishing API and a ranked list
@@ -46,7 +46,7 @@ pub use options::{local_host_name, FabricOptions};
 pub use ranking::{rank_candidates, Candidate, PeerStats};
 pub use source::{MemoryLease, MemorySource, PageLease, PageSource};
 
-/// Bytes in one block key: a SHA-256 digest (DESIGN §4).
+/// Bytes in one block key: a SHA-256 digest (docs/design.md §4).
 pub const KEY_BYTES: usize = 32;
 
 /// One block's key, as the pool and the connector compute it.

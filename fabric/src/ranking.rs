@@ -1,4 +1,4 @@
-//! Which peers to ask for a missed prefix, nearest first (DESIGN §6).
+//! Which peers to ask for a missed prefix, nearest first (docs/design.md §6).
 //!
 //! Order: same host, then same zone, then lowest measured round-trip time (peers never
 //! measured come after measured ones), then least load, then node id so the order is stable.

@@ -1,4 +1,4 @@
-//! `pegaflow-scenarios`: the scenario replay harness (DESIGN §3). A scenario file names a
+//! `pegaflow-scenarios`: the scenario replay harness (docs/design.md §3). A scenario file names a
 //! cluster of real `pegaflow-node` processes on loopback, a workload (a Mooncake-format trace
 //! or a seeded generator), a fault schedule and what to report. Simulated engines replay the
 //! workload through the real socket protocol, faults hit the real processes and files, and the

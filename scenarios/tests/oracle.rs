@@ -17,9 +17,10 @@ const HASH_BLOCK: u64 = 512;
 const POOL_MIB: u64 = 24;
 const PAGE: u64 = 4096;
 
+/// The trace checked into `scenarios/traces/`.
 fn trace() -> String {
     format!(
-        "{}/../../shared/traces/mooncake_conversation_trace.jsonl",
+        "{}/traces/mooncake_conversation_trace.jsonl",
         env!("CARGO_MANIFEST_DIR")
     )
 }
@@ -89,7 +90,8 @@ fn blocks_of(line: &serde_json::Value) -> Vec<Block> {
 
 /// `(looked up, hit)` blocks of the first `REQUESTS` requests, replayed one after another.
 fn offline_lru() -> (u64, u64) {
-    let text = std::fs::read_to_string(trace()).expect("trace");
+    let path = trace();
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
     let mut lru = Lru {
         capacity: (POOL_MIB << 20) as usize / PAGE as usize,
         tick: 0,

@@ -1,4 +1,4 @@
-//! The SSD tier below the pool (DESIGN §5): blocks evicted from memory spill to append-only
+//! The SSD tier below the pool (docs/design.md §5): blocks evicted from memory spill to append-only
 //! segment files, come back (promoted) when a load needs them, and survive node restarts.
 //!
 //! One concept per module: [`format`] (records, footers), [`segment`] (segment files: direct

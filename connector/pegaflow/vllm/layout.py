@@ -179,19 +179,8 @@ def share_cpu_tensors(
     own views); they are rebound too, so no reader or writer is left on the old memory. Rebinding
     is all or nothing: a view that would stay behind raises before anything changed.
     """
-    storages: dict[int, torch.UntypedStorage] = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages.setdefault(storage.data_ptr(), storage)
-    views = {id(t): t for t in [*tensors, *other_views]}
-    for view in views.values():
-        if view.untyped_storage().data_ptr() not in storages:
-            raise UnsupportedLayout("a KV view lives outside the registered KV buffers")
-    bases: dict[int, int] = {}
-    total = 0
-    for ptr, storage in storages.items():
-        bases[ptr] = total
-        total += -(-storage.nbytes() // 4096) * 4096
+    storages, views = _buffers_and_views(tensors, other_views)
+    bases, total = _packing(storages, 4096)
     name, path, fd = shm.create("vllm", total)
     os.close(fd)
     try:
@@ -203,10 +192,7 @@ def share_cpu_tensors(
     except BaseException:
         shm.unlink(path)
         raise
-    for view in views.values():
-        old = view.untyped_storage()
-        offset = bases[old.data_ptr()] + view.storage_offset() * view.element_size()
-        view.set_(shared, offset // view.element_size(), view.size(), view.stride())
+    _rebind(_placements(views, bases), shared)
     segment = shape.block_size * shape.num_kv_heads * 2 * shape.head_dim
     segment *= tensors[0].element_size()
     region = Region(
@@ -218,6 +204,108 @@ def share_cpu_tensors(
     )
     region.close = weakref.finalize(region, shm.unlink, path)  # also runs at interpreter exit
     return region
+
+
+def merge_cuda_tensors(tensors: list[torch.Tensor], other_views: Iterable[torch.Tensor]) -> None:
+    """Moves GPU KV tensors spread over several allocations into one, rebinding them in place.
+
+    vLLM 0.26 allocates each layer's KV cache on its own (`torch.zeros` per layer), while one
+    CUDA IPC handle shares one allocation and the node opens one region per engine. This runs
+    at registration, when the cache holds nothing yet (vLLM zero-fills it; the new buffer is
+    zero-filled too). The old buffers are released before the new one is taken, so the GPU
+    never holds the cache twice. It refuses (nothing changed) when a buffer is referenced by a
+    tensor it cannot rebind, because that tensor would go on reading the old memory.
+    """
+    storages, views = _buffers_and_views(tensors, other_views)
+    if len(storages) == 1:
+        return
+    views.update({id(base): base for base in _view_bases(views.values())})
+    _check_no_other_holders(storages, views.values())
+    bases, total = _packing(storages, 2 << 20)
+    placements = _placements(views, bases)
+    device = tensors[0].device
+    storages.clear()
+    for view, _, _, _ in placements:
+        view.set_()  # drops the old buffer; vLLM's cache is empty, nothing to copy
+    torch.cuda.empty_cache()
+    merged = torch.zeros(total, dtype=torch.uint8, device=device).untyped_storage()
+    _rebind(placements, merged)
+
+
+def _buffers_and_views(
+    tensors: list[torch.Tensor], other_views: Iterable[torch.Tensor]
+) -> tuple[dict[int, torch.UntypedStorage], dict[int, torch.Tensor]]:
+    """The distinct buffers of the KV tensors (by address) and every tensor on them (by id)."""
+    storages: dict[int, torch.UntypedStorage] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages.setdefault(storage.data_ptr(), storage)
+    views = {id(t): t for t in [*tensors, *other_views]}
+    for view in views.values():
+        if view.untyped_storage().data_ptr() not in storages:
+            raise UnsupportedLayout("a KV view lives outside the registered KV buffers")
+    return storages, views
+
+
+def _view_bases(views: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors `views` were viewed from: they hold the same buffers."""
+    bases = []
+    for view in views:
+        base = view._base
+        while base is not None:
+            bases.append(base)
+            base = base._base
+    return bases
+
+
+def _check_no_other_holders(
+    storages: Mapping[int, torch.UntypedStorage], views: Iterable[torch.Tensor]
+) -> None:
+    """Raises when a buffer is held by more tensors than `views` (calibrated on a scratch
+    tensor, so the count does not depend on how torch counts its own wrapper objects)."""
+    scratch = torch.empty(1, device=next(iter(storages.values())).device)
+    wrapper_refs = torch._C._storage_Use_Count(scratch.untyped_storage()._cdata) - 1
+    known: dict[int, int] = {}
+    for view in views:
+        ptr = view.untyped_storage().data_ptr()
+        known[ptr] = known.get(ptr, 0) + 1
+    for ptr, storage in storages.items():
+        holders = torch._C._storage_Use_Count(storage._cdata) - wrapper_refs
+        if holders != known.get(ptr, 0):
+            raise UnsupportedLayout(
+                f"a KV buffer is held by {holders} tensors, {known.get(ptr, 0)} of them known; "
+                "it cannot be moved into one CUDA allocation"
+            )
+
+
+def _packing(
+    storages: Mapping[int, torch.UntypedStorage], align: int
+) -> tuple[dict[int, int], int]:
+    """Where each buffer starts in the merged one (each aligned to `align`), and its size."""
+    bases: dict[int, int] = {}
+    total = 0
+    for ptr, storage in storages.items():
+        bases[ptr] = total
+        total += -(-storage.nbytes() // align) * align
+    return bases, total
+
+
+Placement = tuple[torch.Tensor, int, tuple[int, ...], tuple[int, ...]]
+
+
+def _placements(views: Mapping[int, torch.Tensor], bases: Mapping[int, int]) -> list[Placement]:
+    """Each view with its byte offset in the merged buffer, its size and its stride."""
+    placements = []
+    for view in views.values():
+        offset = bases[view.untyped_storage().data_ptr()]
+        offset += view.storage_offset() * view.element_size()
+        placements.append((view, offset, tuple(view.size()), tuple(view.stride())))
+    return placements
+
+
+def _rebind(placements: list[Placement], storage: torch.UntypedStorage) -> None:
+    for view, offset, size, stride in placements:
+        view.set_(storage, offset // view.element_size(), size, stride)
 
 
 def export_cuda_tensors(tensors: list[torch.Tensor], shape: KvShape) -> Region:

@@ -31,6 +31,7 @@ from .layout import (
     UnsupportedLayout,
     export_cuda_tensors,
     layer_tensors,
+    merge_cuda_tensors,
     shape_of_tensors,
     share_cpu_tensors,
 )
@@ -100,7 +101,9 @@ class WorkerSide:
     # ---- registration ---------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
-        """Describes (CPU: moves into shared memory) the KV tensors, then registers them."""
+        """Describes the KV tensors, then registers them. CPU: they move into shared memory;
+        GPU: layers vLLM allocated one by one move into one allocation (CUDA IPC shares one
+        allocation per handle)."""
         names, tensors = layer_tensors(kv_caches)
         try:
             shape = shape_of_tensors(tensors)
@@ -109,6 +112,7 @@ class WorkerSide:
                     f"KV tensors are {shape}, the scheduler derived {self.expected}"
                 )
             if tensors[0].is_cuda:
+                merge_cuda_tensors(tensors, self._layer_views())
                 self.region = export_cuda_tensors(tensors, shape)
                 self._create_save_events(names, tensors[0].device)
                 self._board = ProgressBoard()

@@ -27,7 +27,7 @@ use super::{
     scattered_batches, time_lookup, Args, Bandwidth, Engine, Latency, Shape, ShmRegion,
 };
 
-/// Gossip round interval: the value docs/fabric.md found to meet DESIGN §9's 1 s visibility.
+/// Gossip round interval: the value docs/fabric.md found to meet docs/design.md §9's 1 s visibility.
 const GOSSIP_MS: u64 = 100;
 /// How long B may take to see what A saved before the run is declared broken.
 const VISIBLE_WITHIN: Duration = Duration::from_secs(10);

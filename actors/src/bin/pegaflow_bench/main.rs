@@ -3,7 +3,7 @@
 //! Absolute numbers depend on the machine, so every result is printed next to a baseline
 //! measured by this same process on the same memory: the host copy engine's save and load
 //! bandwidth against a plain single-threaded `memcpy` (one contiguous copy, and the same bytes
-//! as scattered per-segment copies), and lookup latency against the DESIGN.md §9 target.
+//! as scattered per-segment copies), and lookup latency against the docs/design.md §9 target.
 //!
 //! The node is started in-process (`node::start`) but the benchmark only talks to it through
 //! the Unix-socket protocol with [`Client`], exactly as a connector would, so every number
@@ -38,7 +38,7 @@ use serde::Serialize;
 mod fabric;
 mod gpus;
 
-/// DESIGN.md §9: lookup of a 640-block prefix over the socket, p99.
+/// docs/design.md §9: lookup of a 640-block prefix over the socket, p99.
 const LOOKUP_P99_TARGET_US: f64 = 100.0;
 
 /// Benchmark of a PegaFlow node over its socket protocol, with same-run baselines.
