@@ -80,6 +80,8 @@ pub struct Metrics {
     pub pool_pinned_bytes: IntGauge,
     pub pool_pages: IntGauge,
     pub pool_evictions_total: IntCounter,
+    /// By `actor` (`transfer:<device>`): actors the node restarted after they died.
+    pub actor_restarts_total: IntCounterVec,
     /// By `numa_node`: each NUMA node's pool (the `pool_*` gauges are their sums).
     pub numa_pool_capacity_bytes: IntGaugeVec,
     pub numa_pool_used_bytes: IntGaugeVec,
@@ -232,6 +234,11 @@ impl Metrics {
             )?,
             pool_pages: gauge("pool_pages", "Blocks stored in the pool")?,
             pool_evictions_total: counter("pool_evictions_total", "Blocks evicted to make room")?,
+            actor_restarts_total: counters(
+                "actor_restarts_total",
+                "Actors restarted after they failed, by actor",
+                &["actor"],
+            )?,
             numa_pool_capacity_bytes: gauges(
                 "numa_pool_capacity_bytes",
                 "Size of the pool of one NUMA node",
@@ -474,6 +481,9 @@ mod tests {
         metrics.add_device("host");
         // Error codes get a series once sent; NUMA pools once a pool starts.
         metrics.errors_total.with_label_values(&["internal"]);
+        metrics
+            .actor_restarts_total
+            .with_label_values(&["transfer:host"]);
         for gauge in [
             &metrics.numa_pool_capacity_bytes,
             &metrics.numa_pool_used_bytes,

@@ -183,9 +183,7 @@ impl RunningNode {
         for pool in self.ctx.pools.all() {
             pool.actor.stop(None);
         }
-        for transfer in self.ctx.transfers.all() {
-            transfer.actor.stop(None);
-        }
+        self.ctx.transfers.stop();
         self.http.abort();
         if let Some(otlp) = self.otlp {
             otlp.shutdown().await;

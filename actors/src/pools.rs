@@ -247,6 +247,15 @@ impl Pools {
         Ok((pages, leases))
     }
 
+    /// The pools whose actor is not running, one line each; empty when all are.
+    pub fn problems(&self) -> Vec<String> {
+        self.pools
+            .iter()
+            .filter(|pool| pool.actor.get_status() != ractor::ActorStatus::Running)
+            .map(|pool| format!("pool actor of NUMA node {} is down", pool.numa_node))
+            .collect()
+    }
+
     /// Each pool's occupancy, in node order.
     pub async fn stats(&self) -> Result<Vec<NumaPoolStats>, ProtoError> {
         let mut all = Vec::with_capacity(self.pools.len());

@@ -262,3 +262,102 @@ async fn saves_land_near_and_a_block_only_the_far_pool_holds_is_a_hit_that_loads
     assert_eq!(target.block(7), saved_from_far, "block 7");
     node.shutdown().await;
 }
+
+/// How often the node restarted `device`'s transfer actor, from `/metrics`.
+async fn restarts(node: &RunningNode, device: &str) -> u64 {
+    let (_, text) = support::get(node.http_addr(), "/metrics").await;
+    let series = format!("pegaflow_actor_restarts_total{{actor=\"transfer:{device}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |count| count.trim().parse().expect("a count"))
+}
+
+/// Waits until `device`'s actor has been restarted `times` times and runs again.
+async fn restarted(node: &RunningNode, device: &str, times: u64) {
+    let transfers = &node.context().transfers;
+    let handle = transfers
+        .all()
+        .find(|h| h.device == device)
+        .expect("device");
+    while restarts(node, device).await < times || handle.actor().is_err() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_transfer_actor_fails_only_its_job_and_comes_back_with_its_regions() {
+    let (config, _dir) = two_by_two();
+    let node = start(&config).await.expect("node starts");
+    let mut regions = Vec::new();
+    let mut engines = Vec::new();
+    for (rank, gpu) in [(1u32, "rank-1"), (2, "rank-2")] {
+        let mut region = ShmRegion::new(&format!("fault-{gpu}"), "vllm_lbnhc", 2, 8);
+        region.namespace.tp_rank = rank;
+        region.namespace.tp_size = 4;
+        let mut client = Client::connect(node.socket_path()).await.expect("connect");
+        let mut req = region.register_request();
+        req.region.gpu = Some(gpu.into());
+        let engine = client.register(req).await.expect("register");
+        let namespace: [u8; 32] = engine.namespace.clone().try_into().expect("32 bytes");
+        let keys = chain_keys(&namespace, &(0..16 * 4).collect::<Vec<u32>>(), 16);
+        regions.push(region);
+        engines.push((client, engine.engine, keys));
+    }
+    assert_eq!(
+        support::get(node.http_addr(), "/healthz").await,
+        (200, "ok\n".into())
+    );
+
+    let transfers = &node.context().transfers;
+    assert!(transfers.fail_next_copy("rank-1"));
+    let [(one, one_engine, one_keys), (two, two_engine, two_keys)] = &mut engines[..] else {
+        unreachable!("two engines")
+    };
+    match one.save(*one_engine, &one_keys[..2], &[0, 1]).await {
+        Err(ClientError::Node(error)) => {
+            assert_eq!(error.code, ErrorCode::Internal, "{}", error.message);
+            assert!(error.message.contains("transfer"), "{}", error.message);
+        }
+        other => panic!("the save on the failed actor must fail, got {other:?}"),
+    }
+    // The other GPU's work goes on.
+    let saved = two
+        .save(*two_engine, two_keys, &[0, 1, 2, 3])
+        .await
+        .expect("save");
+    assert_eq!(saved.stored, 4);
+    restarted(&node, "rank-1", 1).await;
+    // The restarted actor still has the engine's region: the same engine saves and loads.
+    let saved = one
+        .save(*one_engine, &one_keys[..2], &[0, 1])
+        .await
+        .expect("save");
+    assert_eq!(saved.stored, 2);
+    let expected = regions[0].block(1);
+    regions[0].map.fill(0);
+    let loaded = one
+        .load(*one_engine, &one_keys[..2], &[6, 7])
+        .await
+        .expect("load");
+    assert_eq!(loaded.loaded, 2);
+    assert_eq!(regions[0].block(7), expected);
+    assert_eq!(support::get(node.http_addr(), "/healthz").await.0, 200);
+
+    // Restarting too often makes /healthz unhealthy, naming the actor.
+    for times in 2..=3 {
+        assert!(transfers.fail_next_copy("rank-1"));
+        assert!(one
+            .save(*one_engine, &one_keys[2..], &[2, 3])
+            .await
+            .is_err());
+        restarted(&node, "rank-1", times).await;
+    }
+    let (status, body) = support::get(node.http_addr(), "/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("transfer actor rank-1 restarted 3 times"),
+        "{body}"
+    );
+    assert!(!body.contains("rank-2"), "{body}");
+    node.shutdown().await;
+}

@@ -319,12 +319,14 @@ def main() -> int:
     try:
         node.wait_pinned()
         floor = pcie_floor_gbps()
+        print(f"pinned H2D cudaMemcpy: {floor:.1f} GB/s", flush=True)
         for name in args.engines.split(","):
             print(f"engine {name} ...", flush=True)
             engine = results["engines"][name] = run_child(args, name, node.socket, out, workdir)
             for pass_name, runs in engine.get("passes", {}).items():
-                means = ", ".join(f"{run['mean_ms']:.1f}" for run in runs)
-                print(f"  {pass_name}: start {engine['start_s']:.0f} s, mean TTFT {means} ms")
+                runs_text = ", ".join(f"{r['mean_ms']:.1f}/{r['p99_ms']:.1f}" for r in runs)
+                print(f"  {pass_name}: start {engine['start_s']:.0f} s; per run, mean/p99 TTFT "
+                      f"{runs_text} ms", flush=True)  # fmt: skip
             results["node_totals_after_" + name] = node.stats()["totals"]
     finally:
         node.stop()

@@ -130,7 +130,9 @@ pub fn release_session(ctx: &NodeContext, id: OwnerId) {
     // A failed send means the pool or transfer actor is already gone (shutdown): nothing to return.
     ctx.pools.release_owner(id);
     for transfer in ctx.transfers.all() {
-        let _ = transfer.actor.cast(TransferMsg::CloseOwner { owner: id });
+        if let Ok(actor) = transfer.actor() {
+            let _ = actor.cast(TransferMsg::CloseOwner { owner: id });
+        }
     }
     ctx.metrics.sessions.dec();
 }

@@ -73,7 +73,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("pegaflow").setLevel(logging.INFO)  # the connector's registration line
     os.makedirs(args.model_dir, exist_ok=True)
-    shutil.copyfile(args.config, os.path.join(args.model_dir, "config.json"))
+    partial = os.path.join(args.model_dir, f"config.json.{os.getpid()}")
+    shutil.copyfile(args.config, partial)  # engines starting together share the directory
+    os.replace(partial, os.path.join(args.model_dir, "config.json"))
 
     from vllm import LLM, SamplingParams
 
@@ -90,6 +92,7 @@ def main() -> None:
             params = SamplingParams(
                 max_tokens=command.get("max_tokens", 8),
                 temperature=0.0,
+                ignore_eos=True,
                 logprobs=TOP_LOGPROBS,
                 detokenize=False,
             )

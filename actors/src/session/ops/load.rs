@@ -35,17 +35,12 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             checksum_pages: Vec::new(),
             wait_events: Vec::new(),
         };
+        let transfer = job.engine.transfer.actor()?;
         // The pages stay pinned by `leases` until the copies are done, answered early or not.
-        let copied = copy_then(
-            &job.engine.transfer.actor,
-            copy,
-            true,
-            "load",
-            |_| async move {
-                drop(leases);
-                Ok(())
-            },
-        );
+        let copied = copy_then(&transfer, copy, true, "load", |_| async move {
+            drop(leases);
+            Ok(())
+        });
         match copied.await? {
             Answered::Queued(queued) => queued,
             Answered::Done(()) => QueuedCopy::default(),

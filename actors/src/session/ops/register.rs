@@ -94,7 +94,7 @@ pub async fn handle(
         .ctx
         .transfers
         .route(req.region.gpu.as_deref(), cuda_ipc)?;
-    let opened = ask(&transfer.actor, "transfer", |reply| TransferMsg::Open {
+    let opened = ask(&transfer.actor()?, "transfer", |reply| TransferMsg::Open {
         owner,
         source,
         progress,

@@ -51,7 +51,7 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
         let commit = |crcs| async move { publish(&node, &pool, lease, crcs).await };
         let written = blocks.len() as u32;
         match copy_then(
-            &job.engine.transfer.actor,
+            &job.engine.transfer.actor()?,
             copy,
             job.answer_when_queued,
             "save",
