@@ -8,18 +8,21 @@ use ractor::{ActorRef, RpcReplyPort};
 
 use crate::metrics::Metrics;
 use crate::peers::Peers;
-use crate::pool::{PoolMsg, PoolStats};
+use crate::pools::{self, Pools};
 use crate::protocol::{ErrorCode, ProtoError};
 use crate::stats::NodeStats;
-use crate::transfer::TransferMsg;
+use crate::topology::HostTopology;
+use crate::transfers::Transfers;
 
 /// Shared, read-mostly node facts handed to each session and the HTTP server.
 pub struct NodeContext {
-    pub pool: ActorRef<PoolMsg>,
-    pub transfer: ActorRef<TransferMsg>,
+    /// One pool per NUMA node.
+    pub pools: Pools,
+    /// One transfer actor per GPU and one for host engines.
+    pub transfers: Transfers,
+    /// The NUMA nodes and GPUs served, as `/api/stats` shows them.
+    pub topology: HostTopology,
     pub metrics: Arc<Metrics>,
-    /// Name of the copy engine in use, reported by `hello` and stats.
-    pub dma: &'static str,
     pub max_frame_bytes: u64,
     pub max_page_bytes: u64,
     /// The fabric, when `fabric.enabled`: lookups and loads then cover peers' memory too.
@@ -31,25 +34,30 @@ pub struct NodeContext {
 impl NodeContext {
     /// Bundles the node's shared handles.
     pub fn new(
-        pool: ActorRef<PoolMsg>,
-        transfer: ActorRef<TransferMsg>,
+        pools: Pools,
+        transfers: Transfers,
+        topology: HostTopology,
         metrics: Arc<Metrics>,
-        dma: &'static str,
         max_frame_bytes: u64,
         max_page_bytes: u64,
         peers: Option<Arc<Peers>>,
     ) -> Self {
         Self {
-            pool,
-            transfer,
+            pools,
+            transfers,
+            topology,
             metrics,
-            dma,
             max_frame_bytes,
             max_page_bytes,
             peers,
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// Name of the copy engine in use (`cuda` or `host`), reported by `hello` and stats.
+    pub fn dma(&self) -> &'static str {
+        self.transfers.dma()
     }
 
     /// Stops new work during a graceful shutdown.
@@ -69,15 +77,17 @@ impl NodeContext {
         }
     }
 
-    /// The stats document, asking the pool for its occupancy.
+    /// The stats document, asking each pool for its occupancy.
     pub async fn stats(&self) -> Result<NodeStats, ProtoError> {
-        let pool: PoolStats = ask(&self.pool, "pool", |reply| PoolMsg::Stats { reply }).await?;
+        let per_node = self.pools.stats().await?;
         let mut stats = NodeStats::collect(
             &self.metrics,
-            pool,
-            self.dma,
+            pools::total(&per_node),
+            self.dma(),
             self.started.elapsed().as_secs(),
         );
+        stats.topology = Some(self.topology.clone());
+        stats.pools = per_node;
         stats.fabric = self.peers.as_ref().map(|peers| peers.stats());
         Ok(stats)
     }

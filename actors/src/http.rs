@@ -45,8 +45,16 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// `ok` while every pool and transfer actor runs; else 503 with one line per problem (an actor
+/// down, or a transfer actor restarting too often).
+async fn healthz(State(ctx): State<Arc<NodeContext>>) -> Response {
+    let mut problems = ctx.pools.problems();
+    problems.extend(ctx.transfers.problems());
+    if problems.is_empty() {
+        return "ok\n".into_response();
+    }
+    let body = problems.join("\n") + "\n";
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
 }
 
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> Response {

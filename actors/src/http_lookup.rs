@@ -18,9 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use crate::context::{ask, NodeContext};
+use crate::context::NodeContext;
 use crate::keys::{BlockKey, KEY_BYTES};
-use crate::pool::PoolMsg;
 use crate::protocol::ProtoError;
 
 /// The request body: a chain of block keys, in order, each as hex.
@@ -90,13 +89,11 @@ pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Ap
 /// does but without a lease and without counting in the lookup metrics.
 pub(crate) async fn pool_hits(ctx: &NodeContext, keys: Vec<BlockKey>) -> Result<u32, ApiError> {
     ctx.check_open().map_err(ApiError::unavailable)?;
-    let outcome = ask(&ctx.pool, "pool", |reply| PoolMsg::Lookup {
-        keys,
-        lease_for: None,
-        reply,
-    })
-    .await
-    .map_err(ApiError::unavailable)?;
+    let outcome = ctx
+        .pools
+        .lookup(&keys, None)
+        .await
+        .map_err(ApiError::unavailable)?;
     Ok(outcome.hits)
 }
 

@@ -80,6 +80,12 @@ pub struct Metrics {
     pub pool_pinned_bytes: IntGauge,
     pub pool_pages: IntGauge,
     pub pool_evictions_total: IntCounter,
+    /// By `actor` (`transfer:<device>`): actors the node restarted after they died.
+    pub actor_restarts_total: IntCounterVec,
+    /// By `numa_node`: each NUMA node's pool (the `pool_*` gauges are their sums).
+    pub numa_pool_capacity_bytes: IntGaugeVec,
+    pub numa_pool_used_bytes: IntGaugeVec,
+    pub numa_pool_pages: IntGaugeVec,
     pub sessions: IntGauge,
     pub engines: IntGauge,
     pub build_info: IntGaugeVec,
@@ -138,6 +144,11 @@ impl Metrics {
             let h = HistogramVec::new(opts, labels)?;
             register(Box::new(h.clone()))?;
             Ok::<_, prometheus::Error>(h)
+        };
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(format!("pegaflow_{name}"), help), labels)?;
+            register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
         };
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -223,6 +234,26 @@ impl Metrics {
             )?,
             pool_pages: gauge("pool_pages", "Blocks stored in the pool")?,
             pool_evictions_total: counter("pool_evictions_total", "Blocks evicted to make room")?,
+            actor_restarts_total: counters(
+                "actor_restarts_total",
+                "Actors restarted after they failed, by actor",
+                &["actor"],
+            )?,
+            numa_pool_capacity_bytes: gauges(
+                "numa_pool_capacity_bytes",
+                "Size of the pool of one NUMA node",
+                &["numa_node"],
+            )?,
+            numa_pool_used_bytes: gauges(
+                "numa_pool_used_bytes",
+                "Bytes of one NUMA node's pool holding stored or in-flight blocks",
+                &["numa_node"],
+            )?,
+            numa_pool_pages: gauges(
+                "numa_pool_pages",
+                "Blocks stored in one NUMA node's pool",
+                &["numa_node"],
+            )?,
             sessions: gauge("sessions", "Open connector sessions")?,
             engines: gauge("engines", "Engines registered over open sessions")?,
             build_info,
@@ -448,8 +479,18 @@ mod tests {
     fn every_exported_metric_is_documented_and_every_documented_one_exported() {
         let metrics = Metrics::new().expect("metrics");
         metrics.add_device("host");
-        // Error codes get a series once sent.
+        // Error codes get a series once sent; NUMA pools once a pool starts.
         metrics.errors_total.with_label_values(&["internal"]);
+        metrics
+            .actor_restarts_total
+            .with_label_values(&["transfer:host"]);
+        for gauge in [
+            &metrics.numa_pool_capacity_bytes,
+            &metrics.numa_pool_used_bytes,
+            &metrics.numa_pool_pages,
+        ] {
+            gauge.with_label_values(&["0"]);
+        }
         // The fabric's series, registered when `fabric.enabled`; per-peer ones once measured.
         let fabric = crate::peers::FabricMetrics::new(metrics.registry()).expect("fabric metrics");
         fabric.peer_rtt("peer-a", Duration::from_millis(1));

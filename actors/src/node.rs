@@ -4,13 +4,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pegaflow_config::{DmaEngine as DmaChoice, NodeConfig};
-use pegaflow_gpu_dma::{Arena, CudaDmaEngine, DmaEngine, DmaError, HostDmaEngine};
+use pegaflow_config::NodeConfig;
+use pegaflow_gpu_dma::{Arena, DmaError};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
@@ -18,21 +17,19 @@ use tokio::task::JoinHandle;
 use crate::context::NodeContext;
 use crate::metrics::Metrics;
 use crate::peers::{FabricMetrics, Peers};
-use crate::pool::{OwnerId, PoolActor, PoolState};
+use crate::pool::{Extent, OwnerId, PoolActor, PoolState};
+use crate::pools::{self, PoolHandle, Pools};
 use crate::session::{release_session, SessionActor, SessionArgs};
+use crate::socket_file::{self, SocketFileError};
 use crate::ssd::{SsdError, SsdTier};
-use crate::transfer::{TransferActor, TransferMsg, TransferState};
+use crate::topology::HostTopology;
+use crate::transfers::{Transfers, TransfersError};
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("socket path {0} is in use by a running pegaflow-node (or another program); stop it or choose another socket.path")]
-    SocketInUse(PathBuf),
-    #[error("cannot listen on socket path {path}: {source}")]
-    Socket {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] SocketFileError),
     #[error("cannot serve HTTP on http.addr {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -40,8 +37,8 @@ pub enum StartError {
     },
     #[error("cannot allocate the pool of pool.size {bytes} bytes: {source}")]
     Arena { bytes: u64, source: DmaError },
-    #[error("dma.engine = \"cuda\", but {0}; use \"auto\" or \"host\"")]
-    Cuda(DmaError),
+    #[error(transparent)]
+    Transfers(#[from] TransfersError),
     #[error("cannot start the {0} actor: {1}")]
     Spawn(&'static str, String),
     #[error("cannot register metrics: {0}")]
@@ -183,8 +180,10 @@ impl RunningNode {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.supervisor.stop(None);
-        self.ctx.pool.stop(None);
-        self.ctx.transfer.stop(None);
+        for pool in self.ctx.pools.all() {
+            pool.actor.stop(None);
+        }
+        self.ctx.transfers.stop();
         self.http.abort();
         if let Some(otlp) = self.otlp {
             otlp.shutdown().await;
@@ -200,7 +199,7 @@ impl RunningNode {
 /// so a second node on the same path fails before allocating anything, and released again if
 /// a later step fails.
 pub async fn start(config: &NodeConfig) -> Result<RunningNode, StartError> {
-    let listener = bind_socket(&config.socket.path)?;
+    let listener = socket_file::bind(&config.socket.path)?;
     let started = start_serving(config, listener).await;
     if started.is_err() {
         let _ = std::fs::remove_file(&config.socket.path);
@@ -222,24 +221,26 @@ async fn start_serving(
                 source,
             })?,
         );
-    let (transfer, dma) = spawn_transfer(config, arena.clone(), metrics.clone()).await?;
-    let ssd = SsdTier::open(&config.ssd, arena.clone(), metrics.clone())?;
-    let pool_state = PoolState::new(arena.len(), config.pool.page_align.0, metrics.clone(), ssd);
-    let (pool, _) = Actor::spawn(None, PoolActor, pool_state)
-        .await
-        .map_err(|e| StartError::Spawn("pool", e.to_string()))?;
+    let topology = HostTopology::discover(&config.topology);
+    tracing::info!("host topology:\n{}", topology.render().trim_end());
+    let plan = pools::plan(config, &topology, arena.len());
+    pools::place(&arena, &plan);
+    let transfers = Transfers::start(config, &topology, arena.clone(), metrics.clone()).await?;
+    let dma = transfers.dma();
+    let pools = spawn_pools(config, &plan, &arena, &metrics).await?;
     let peers = match config.fabric.enabled {
         true => {
             let fabric_metrics = FabricMetrics::new(metrics.registry())?;
-            Some(Peers::start(&config.fabric, pool.clone(), arena.clone(), fabric_metrics).await?)
+            let pool = pools.first().clone();
+            Some(Peers::start(&config.fabric, pool, arena.clone(), fabric_metrics).await?)
         }
         false => None,
     };
     let ctx = Arc::new(NodeContext::new(
-        pool,
-        transfer,
+        pools,
+        transfers,
+        topology,
         metrics,
-        dma,
         config.socket.max_frame.0,
         config.pool.max_page_size.0,
         peers,
@@ -267,79 +268,29 @@ async fn start_serving(
     })
 }
 
-/// Chooses the copy engine (`dma.engine`), says which and why, and starts the transfer actor
-/// on it.
-async fn spawn_transfer(
+/// Starts one pool actor per entry of `plan`; the SSD tier (on only with a single pool) goes
+/// to the first.
+async fn spawn_pools(
     config: &NodeConfig,
-    arena: Arc<Arena>,
-    metrics: Arc<Metrics>,
-) -> Result<(ActorRef<TransferMsg>, &'static str), StartError> {
-    let cuda = || CudaDmaEngine::new(0, arena.clone());
-    match config.dma.engine {
-        DmaChoice::Host => {
-            tracing::info!(dma = "host", "copy engine: host (dma.engine = \"host\")");
-            start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics, |_, _| {}).await
-        }
-        DmaChoice::Cuda => {
-            let engine = cuda().map_err(StartError::Cuda)?;
-            tracing::info!(dma = "cuda", engine = %engine.describe(), "copy engine: cuda (dma.engine = \"cuda\")");
-            start_transfer(engine, arena, metrics, track_pinning).await
-        }
-        DmaChoice::Auto => match cuda() {
-            Ok(engine) => {
-                tracing::info!(dma = "cuda", engine = %engine.describe(), "copy engine: cuda (dma.engine = \"auto\" and a GPU is present)");
-                start_transfer(engine, arena, metrics, track_pinning).await
-            }
-            Err(why) => {
-                tracing::info!(
-                    dma = "host",
-                    "copy engine: host (dma.engine = \"auto\"; {why})"
-                );
-                start_transfer(HostDmaEngine::new(arena.clone()), arena, metrics, |_, _| {}).await
-            }
-        },
+    plan: &[(u32, Extent)],
+    arena: &Arc<Arena>,
+    metrics: &Arc<Metrics>,
+) -> Result<Pools, StartError> {
+    let mut pools = Vec::with_capacity(plan.len());
+    for (i, &(numa_node, span)) in plan.iter().enumerate() {
+        let ssd = match i {
+            0 => SsdTier::open(&config.ssd, arena.clone(), metrics.clone())?,
+            _ => None,
+        };
+        let align = config.pool.page_align.0;
+        let state = PoolState::over(span, numa_node, align, metrics.clone(), ssd);
+        let (actor, _) = Actor::spawn(None, PoolActor, state)
+            .await
+            .map_err(|e| StartError::Spawn("pool", e.to_string()))?;
+        tracing::info!(numa_node, bytes = span.len, "pool started");
+        pools.push(PoolHandle { numa_node, actor });
     }
-}
-
-async fn start_transfer<E: DmaEngine>(
-    engine: E,
-    arena: Arc<Arena>,
-    metrics: Arc<Metrics>,
-    watch: fn(&Arc<E>, &Arc<Metrics>),
-) -> Result<(ActorRef<TransferMsg>, &'static str), StartError> {
-    let dma = engine.name();
-    let state = TransferState::new(engine, arena, metrics.clone());
-    watch(state.engine(), &metrics);
-    let (transfer, _) = Actor::spawn(None, TransferActor::<E>::default(), state)
-        .await
-        .map_err(|e| StartError::Spawn("transfer", e.to_string()))?;
-    Ok((transfer, dma))
-}
-
-/// Reports the CUDA engine's background pinning of the pool as `pool_pinned_bytes`.
-fn track_pinning(engine: &Arc<CudaDmaEngine>, metrics: &Arc<Metrics>) {
-    let engine = engine.clone();
-    metrics.track_pinning(move || engine.pin_progress());
-}
-
-/// Binds the connector socket, replacing a stale file but never a live node's socket.
-fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
-    let socket_error = |source| StartError::Socket {
-        path: path.to_path_buf(),
-        source,
-    };
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(StartError::SocketInUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path).map_err(socket_error)?;
-    }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(socket_error)?;
-    }
-    let listener = UnixListener::bind(path).map_err(socket_error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(socket_error)?;
-    Ok(listener)
+    Ok(Pools::new(pools))
 }
 
 async fn accept_loop(listener: UnixListener, supervisor: ActorRef<NodeMsg>) {

@@ -1,9 +1,9 @@
-//! `TransferActor`: one per copy device (one per GPU; one host engine without a GPU). Owns the
+//! `TransferActor`: one per copy device (one per GPU; one for host engines naming no GPU). Owns the
 //! DMA engine and the engine regions opened on it, and runs copy jobs off the actor's thread
 //! so saves and loads proceed concurrently, as CUDA streams will.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use pegaflow_gpu_dma::{
     enqueue_layers, finish_layers, Arena, CopyOp, Direction, DmaEngine, DmaError, EnqueuedLayer,
@@ -91,8 +91,9 @@ pub enum TransferMsg {
         queued: Option<oneshot::Sender<QueuedCopy>>,
         reply: RpcReplyPort<Result<Vec<u32>, TransferError>>,
     },
-    /// A job finished; its event slots may be handed out again.
-    JobDone { region: RegionId, first_slot: u32 },
+    /// Fault hook for tests ([`crate::transfers::Transfers::fail_next_copy`]): the next `Copy`
+    /// makes the actor fail, as a panic in it would, dropping that job unanswered.
+    FailNextCopy,
 }
 
 /// The actor, generic over the copy engine chosen at start.
@@ -124,25 +125,56 @@ struct Reservation {
     board: Option<(Arc<ProgressBoard>, u64)>,
 }
 
+/// The regions opened on one device's engine.
+struct Regions<R> {
+    opened: HashMap<RegionId, Opened<R>>,
+    next: RegionId,
+}
+
 /// The engine, the arena it copies into, and the regions opened so far.
+///
+/// The regions are shared with the jobs in flight (each hands its event slots back itself when
+/// done) and with the actor that replaces this one after a crash: a cloned state serves the
+/// same regions, so engines stay registered across a restart.
 pub struct TransferState<E: DmaEngine> {
+    /// `host` or the GPU's UUID: the `device` label of this actor's metrics.
+    device: Arc<str>,
     engine: Arc<E>,
     arena: Arc<Arena>,
-    regions: HashMap<RegionId, Opened<E::Region>>,
+    regions: Arc<Mutex<Regions<E::Region>>>,
     metrics: Arc<Metrics>,
-    next_region: RegionId,
+    /// Set by [`TransferMsg::FailNextCopy`]; a restarted actor starts without it.
+    fail_next_copy: bool,
+}
+
+impl<E: DmaEngine> Clone for TransferState<E> {
+    /// The same engine and regions, for the actor that replaces a crashed one.
+    fn clone(&self) -> Self {
+        Self {
+            device: self.device.clone(),
+            engine: self.engine.clone(),
+            arena: self.arena.clone(),
+            regions: self.regions.clone(),
+            metrics: self.metrics.clone(),
+            fail_next_copy: false,
+        }
+    }
 }
 
 impl<E: DmaEngine> TransferState<E> {
-    /// State for an engine copying into `arena`.
-    pub fn new(engine: E, arena: Arc<Arena>, metrics: Arc<Metrics>) -> Self {
-        metrics.add_device(engine.name());
+    /// State for the engine of `device` copying into `arena`.
+    pub fn new(device: &str, engine: E, arena: Arc<Arena>, metrics: Arc<Metrics>) -> Self {
+        metrics.add_device(device);
         Self {
+            device: device.into(),
             engine: Arc::new(engine),
             arena,
             metrics,
-            regions: HashMap::new(),
-            next_region: 1,
+            regions: Arc::new(Mutex::new(Regions {
+                opened: HashMap::new(),
+                next: 1,
+            })),
+            fail_next_copy: false,
         }
     }
 
@@ -151,8 +183,12 @@ impl<E: DmaEngine> TransferState<E> {
         &self.engine
     }
 
+    fn regions(&self) -> MutexGuard<'_, Regions<E::Region>> {
+        self.regions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn open(
-        &mut self,
+        &self,
         owner: OwnerId,
         source: &RegionSource,
         progress: Option<Arc<ProgressBoard>>,
@@ -161,9 +197,10 @@ impl<E: DmaEngine> TransferState<E> {
         let event_handles = self.engine.layer_event_handles(&region);
         let ring = (!event_handles.is_empty()).then(|| EventRing::new(event_handles.len() as u32));
         let progress = progress.filter(|_| ring.is_some()).map(|board| (board, 1));
-        let id = self.next_region;
-        self.next_region += 1;
-        self.regions.insert(
+        let mut regions = self.regions();
+        let id = regions.next;
+        regions.next += 1;
+        regions.opened.insert(
             id,
             Opened {
                 owner,
@@ -172,14 +209,25 @@ impl<E: DmaEngine> TransferState<E> {
                 progress,
             },
         );
-        self.metrics.engines.set(self.regions.len() as i64);
+        self.metrics.engines.inc();
         Ok(OpenedRegion { id, event_handles })
+    }
+
+    /// Closes the regions of `owner`; in-flight jobs hold their own reference, so a mapping
+    /// goes when they finish.
+    fn close_owner(&self, owner: OwnerId) {
+        let mut regions = self.regions();
+        let before = regions.opened.len();
+        regions.opened.retain(|_, opened| opened.owner != owner);
+        let closed = before - regions.opened.len();
+        self.metrics.engines.sub(closed as i64);
     }
 
     /// Event slots for a job's layers (and a load's next ticket), when the region has events
     /// and the ring has room; a job without them is answered only once its copies are done.
-    fn reserve_slots(&mut self, job: &CopyJob) -> Option<Reservation> {
-        let opened = self.regions.get_mut(&job.region)?;
+    fn reserve_slots(&self, job: &CopyJob) -> Option<Reservation> {
+        let mut regions = self.regions();
+        let opened = regions.opened.get_mut(&job.region)?;
         let ring = opened.ring.as_mut()?;
         let layers = job.layers.len() as u32;
         let Some(first) = ring.reserve(layers) else {
@@ -323,7 +371,7 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
 
     async fn handle(
         &self,
-        myself: ActorRef<TransferMsg>,
+        _myself: ActorRef<TransferMsg>,
         message: TransferMsg,
         state: &mut TransferState<E>,
     ) -> Result<(), ActorProcessingErr> {
@@ -334,13 +382,20 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                 progress,
                 reply,
             } => drop(reply.send(state.open(owner, &source, progress))),
-            TransferMsg::CloseOwner { owner } => {
-                // In-flight jobs hold their own reference; the mapping goes when they finish.
-                state.regions.retain(|_, opened| opened.owner != owner);
-                state.metrics.engines.set(state.regions.len() as i64);
+            TransferMsg::CloseOwner { owner } => state.close_owner(owner),
+            TransferMsg::FailNextCopy => state.fail_next_copy = true,
+            TransferMsg::Copy { .. } if state.fail_next_copy => {
+                return Err(
+                    format!("fault hook: failing the {} transfer actor", state.device).into(),
+                )
             }
             TransferMsg::Copy { job, queued, reply } => {
-                let Some(region) = state.regions.get(&job.region).map(|o| o.region.clone()) else {
+                let region = state
+                    .regions()
+                    .opened
+                    .get(&job.region)
+                    .map(|o| o.region.clone());
+                let Some(region) = region else {
                     drop(reply.send(Err(TransferError::UnknownRegion(job.region))));
                     return Ok(());
                 };
@@ -349,23 +404,21 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                     return Ok(());
                 }
                 let reserved = queued.as_ref().and_then(|_| state.reserve_slots(&job));
-                let engine = state.engine.clone();
-                let arena = state.arena.clone();
-                let metrics = state.metrics.clone();
+                let worker = state.clone();
                 tokio::task::spawn_blocking(move || {
                     let started = std::time::Instant::now();
                     let result = run_job(
-                        &*engine,
-                        &arena,
+                        &*worker.engine,
+                        &worker.arena,
                         &region,
                         &job,
                         reserved.as_ref(),
                         queued,
-                        &metrics,
+                        &worker.metrics,
                     );
                     if result.is_ok() {
-                        metrics.transfer_done(
-                            engine.name(),
+                        worker.metrics.transfer_done(
+                            &worker.device,
                             job.direction,
                             job.bytes(),
                             started.elapsed(),
@@ -382,20 +435,16 @@ impl<E: DmaEngine> Actor for TransferActor<E> {
                         // Re-recording a slot after this job's copies completed can only make a
                         // late waiter wait longer (same stream, later copy), never too little.
                         Some(r) => {
-                            let _ = myself.cast(TransferMsg::JobDone {
-                                region: job.region,
-                                first_slot: r.first,
-                            });
+                            let mut regions = worker.regions();
+                            let opened = regions.opened.get_mut(&job.region);
+                            if let Some(ring) = opened.and_then(|o| o.ring.as_mut()) {
+                                ring.release(r.first);
+                            }
                         }
                         None => {}
                     }
                     drop(reply.send(result));
                 });
-            }
-            TransferMsg::JobDone { region, first_slot } => {
-                if let Some(ring) = state.regions.get_mut(&region).and_then(|o| o.ring.as_mut()) {
-                    ring.release(first_slot);
-                }
             }
         }
         Ok(())
@@ -690,7 +739,7 @@ mod tests {
         let calls = journal.calls.clone();
         let arena = Arc::new(Arena::new(4096, "transfer-journal-test").expect("arena"));
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let state = TransferState::new(journal, arena, metrics.clone());
+        let state = TransferState::new("journal", journal, arena, metrics.clone());
         let (actor, _) = Actor::spawn(None, TransferActor::default(), state)
             .await
             .expect("spawn");

@@ -11,6 +11,7 @@ use pegaflow_actors::keys::chain_keys;
 use pegaflow_actors::node::{start, StartError};
 use pegaflow_actors::protocol::bin::Bin;
 use pegaflow_actors::protocol::{BlocksRequest, ErrorCode, RegionSpec, Request, SaveReply};
+use pegaflow_actors::socket_file::SocketFileError;
 use support::{node, ShmRegion};
 
 fn raw_call(stream: &mut UnixStream, payload: &[u8]) -> rmpv::Value {
@@ -123,17 +124,29 @@ async fn node_errors_name_the_field_and_keep_the_connection() {
             other => panic!("expected bad_field, got {other:?}"),
         }
     }
-    let mut gpu_on_host = region.register_request();
-    gpu_on_host.region = RegionSpec {
-        cuda_ipc: Some(vec![0; 64]),
-        bytes: gpu_on_host.region.bytes,
-        ..RegionSpec::default()
-    };
-    match client.register(gpu_on_host).await {
-        Err(ClientError::Node(e)) => {
-            assert_eq!(e.code, ErrorCode::RegionUnavailable, "{}", e.message)
+    // A GPU region on a host serving no GPU: it must name its GPU, and no GPU named is served.
+    for (gpu, why) in [
+        (None, "must name the UUID of the GPU"),
+        (
+            Some("GPU-00112233-4455-6677-8899-aabbccddeeff"),
+            "(GPUs: none)",
+        ),
+    ] {
+        let mut gpu_on_host = region.register_request();
+        gpu_on_host.region = RegionSpec {
+            cuda_ipc: Some(vec![0; 64]),
+            gpu: gpu.map(str::to_owned),
+            bytes: gpu_on_host.region.bytes,
+            ..RegionSpec::default()
+        };
+        match client.register(gpu_on_host).await {
+            Err(ClientError::Node(e)) => {
+                assert_eq!(e.code, ErrorCode::BadField, "{}", e.message);
+                assert!(e.message.contains("field `region.gpu`"), "{}", e.message);
+                assert!(e.message.contains(why), "{}", e.message);
+            }
+            other => panic!("expected bad_field naming region.gpu, got {other:?}"),
         }
-        other => panic!("expected region_unavailable on the host engine, got {other:?}"),
     }
     let engine = client
         .register(region.register_request())
@@ -278,7 +291,9 @@ async fn a_live_socket_is_never_taken_over_but_a_stale_one_is() {
     config.pool.size = pegaflow_config::Size::mib(16);
     config.pool.max_page_size = pegaflow_config::Size::mib(16);
     match start(&config).await {
-        Err(StartError::SocketInUse(path)) => assert_eq!(path, config.socket.path),
+        Err(StartError::Socket(SocketFileError::InUse(path))) => {
+            assert_eq!(path, config.socket.path)
+        }
         Err(other) => panic!("expected SocketInUse, got {other}"),
         Ok(_) => panic!("a second node took over a live socket"),
     }

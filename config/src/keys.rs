@@ -24,7 +24,7 @@ pub(crate) struct Key {
     pub(crate) expected: &'static str,
 }
 
-const SIZE: &str = "a size such as \"64GiB\" or a byte count";
+const SIZE: &str = "a size with a unit such as \"64GiB\" (\"4096B\" for bytes)";
 const ADDR: &str = "a socket address such as \"127.0.0.1:9095\"";
 const MILLIS: &str = "a whole number of milliseconds";
 const TEXT: &str = "a string";
@@ -96,6 +96,18 @@ pub(crate) const KEYS: &[Key] = {
             Some("--log-level"),
             Text,
             "trace, debug, info, warn, error or a filter such as \"pegaflow=debug,info\"",
+        ),
+        key(
+            "topology.numa_nodes",
+            None,
+            Value,
+            "a list of NUMA node numbers such as [0, 1]",
+        ),
+        key(
+            "topology.gpus",
+            None,
+            Value,
+            "a list of tables such as [{ uuid = \"host-gpu-0\", numa_node = 0 }]",
         ),
     ]
 };

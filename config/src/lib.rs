@@ -11,6 +11,7 @@
 
 mod args;
 mod error;
+mod host_memory;
 mod keys;
 mod literal;
 mod loaded;
@@ -25,10 +26,11 @@ mod tests;
 
 pub use args::ConfigArgs;
 pub use error::ConfigError;
+pub use host_memory::check_pool_fits_memory;
 pub use loaded::LoadedConfig;
 pub use node_config::{
-    DmaConfig, DmaEngine, FabricConfig, HttpConfig, LogConfig, NodeConfig, OtlpConfig, PoolConfig,
-    SocketConfig, SsdAdmission, SsdConfig,
+    DmaConfig, DmaEngine, FabricConfig, HostGpu, HttpConfig, LogConfig, NodeConfig, OtlpConfig,
+    PoolConfig, SocketConfig, SsdAdmission, SsdConfig, TopologyConfig,
 };
 pub use origin::Origin;
 pub use size::{Size, SizeParseError};

@@ -29,6 +29,8 @@ pub struct NodeConfig {
     pub otlp: OtlpConfig,
     /// Log filtering.
     pub log: LogConfig,
+    /// The host's NUMA nodes and GPUs, when not (only) what the hardware reports.
+    pub topology: TopologyConfig,
 }
 
 /// The Unix socket connectors speak the frame protocol on.
@@ -228,4 +230,27 @@ impl Default for LogConfig {
             level: "info".to_owned(),
         }
     }
+}
+
+/// The host's shape as the node uses it: one pool per NUMA node, one transfer actor per GPU.
+/// Both lists add to or replace what the hardware reports, so a host without GPUs (CI) can run
+/// the per-GPU and per-NUMA code paths with host engines.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyConfig {
+    /// The NUMA nodes pools are made for; empty: those online on the host.
+    pub numa_nodes: Vec<u32>,
+    /// GPUs of host engines, added to the GPUs the driver reports: a host engine registers with
+    /// one of these UUIDs to be served by that GPU's transfer actor and its NUMA node's pool.
+    pub gpus: Vec<HostGpu>,
+}
+
+/// A GPU that host engines name in `register`; it has no device behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostGpu {
+    /// The name engines register with (any non-empty text, unique on the host).
+    pub uuid: String,
+    /// The NUMA node it sits on.
+    pub numa_node: u32,
 }

@@ -31,8 +31,16 @@ def raw_ipc_handle(handle: bytes) -> bytes:
     raise ValueError(f"unrecognised torch IPC handle of {len(handle)} bytes")
 
 
+def gpu_uuid(device: int) -> str:
+    """The UUID of the GPU torch numbers `device`, which the node names GPUs by: ordinals depend
+    on each process's `CUDA_VISIBLE_DEVICES`, UUIDs do not."""
+    import torch
+
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
 def ipc_region(storage: Any) -> dict[str, Any]:
-    """The `register` `region` map of a CUDA tensor storage: handle, offset, size, device."""
+    """The `register` `region` map of a CUDA tensor storage: handle, offset, size, its GPU."""
     device, handle, size, offset, *_ = storage._share_cuda_()
     return {"cuda_ipc": raw_ipc_handle(bytes(handle)), "offset": offset, "bytes": size,
-            "device": device}  # fmt: skip
+            "gpu": gpu_uuid(device)}  # fmt: skip

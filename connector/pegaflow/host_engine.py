@@ -48,11 +48,14 @@ def page_bytes(namespace: Namespace) -> int:
 class HostKvRegion:
     """One engine's KV cache for every layer, in a shared-memory file the node maps."""
 
-    def __init__(self, namespace: Namespace, num_blocks: int) -> None:
+    def __init__(self, namespace: Namespace, num_blocks: int, gpu: str | None = None) -> None:
+        """`gpu`: a GPU of the node's `topology.gpus` this engine stands for (its transfer actor
+        and nearest pool serve it), or none."""
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.namespace = namespace
         self.num_blocks = num_blocks
+        self.gpu = gpu
         self.segment_bytes = segment_bytes(namespace)
         self.segments = 2 if namespace.layout == "kv_split" else 1
         self.layer_block_bytes = self.segments * self.segment_bytes  # one block of one layer
@@ -85,9 +88,12 @@ class HostKvRegion:
 
     def register_fields(self) -> dict[str, Any]:
         """The fields of a `register` request describing this region."""
+        region: dict[str, Any] = {"shm": self.name, "bytes": self.bytes}
+        if self.gpu is not None:
+            region["gpu"] = self.gpu
         return {
             "namespace": self.namespace.to_wire(),
-            "region": {"shm": self.name, "bytes": self.bytes},
+            "region": region,
             "num_blocks": self.num_blocks,
             "segment_bytes": self.segment_bytes,
             "layers": self.layers,

@@ -149,7 +149,13 @@ impl Arena {
     /// on are allocated there while it has room. Call before pinning first touches them; pages
     /// already allocated stay where they are.
     pub fn prefer_numa_node(&self, node: u32) -> std::io::Result<()> {
-        /// `MPOL_PREFERRED` from `<linux/mempolicy.h>`.
+        self.prefer_numa_node_for(0, self.map.len() as u64, node)
+    }
+
+    /// [`Arena::prefer_numa_node`] for the bytes `[offset, offset + len)` only (one pool's slice
+    /// of an arena shared by the pools of several NUMA nodes). `offset` must be a multiple of the
+    /// arena's page size (2 MiB on explicit huge pages, else 4 KiB).
+    pub fn prefer_numa_node_for(&self, offset: u64, len: u64, node: u32) -> std::io::Result<()> {
         const MPOL_PREFERRED: libc::c_int = 1;
         /// Words of the node mask: 1024 nodes, the kernel's largest `MAX_NUMNODES`.
         const MASK_WORDS: usize = 16;
@@ -161,17 +167,26 @@ impl Arena {
                 format!("NUMA node {node} is beyond {MASK_BITS}"),
             ));
         }
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.map.len() as u64)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("bytes {offset}+{len} are not inside the arena"),
+            ));
+        }
         let word_bits = libc::c_ulong::BITS as usize;
         let mut mask: [libc::c_ulong; MASK_WORDS] = [0; MASK_WORDS];
         mask[node / word_bits] |= 1 << (node % word_bits);
-        // SAFETY: mbind only changes the memory policy of our own mapping, `[base, base + len)`,
-        // which stays mapped for the call; `mask` is a live array of `MASK_BITS` bits, and
+        // SAFETY: mbind only changes the memory policy of part of our own mapping (checked
+        // above), which stays mapped for the call; `mask` is a live array of `MASK_BITS` bits, and
         // `maxnode` is one more than that because the kernel ignores the last bit it is given.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_mbind,
-                self.base_ptr() as libc::c_ulong,
-                self.map.len() as libc::c_ulong,
+                self.base_ptr().wrapping_add(offset as usize) as libc::c_ulong,
+                len as libc::c_ulong,
                 MPOL_PREFERRED,
                 mask.as_ptr(),
                 (MASK_BITS + 1) as libc::c_ulong,
@@ -358,6 +373,13 @@ Hugepagesize:       2048 kB\n";
             assert_ne!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
         }
         assert!(arena.prefer_numa_node(1 << 20).is_err());
+        assert!(
+            arena.prefer_numa_node_for(4096, 1 << 20, 0).is_err(),
+            "past the end"
+        );
+        if let Err(e) = arena.prefer_numa_node_for(4096, 4096, 0) {
+            assert_ne!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        }
         arena.write(0, b"still usable").unwrap();
     }
 

@@ -195,7 +195,6 @@ mod tests {
                 handle: [0; 64],
                 offset: 0,
                 bytes: 4096,
-                device: 0,
                 engine_events: Vec::new(),
             })
             .unwrap_err();

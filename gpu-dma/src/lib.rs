@@ -15,7 +15,8 @@
 //! how a shared-memory one is opened), `engine` (the trait and its op types), `job` (the order in
 //! which a whole save or load drives an engine), `progress` (the board that lets a load be
 //! answered before its layers are enqueued), `host` (the host engine), `cuda` (the CUDA
-//! engine, itself split by concept), `numa` (where the arena's pages go), `error`.
+//! engine, itself split by concept), `numa` (where the arena's pages go), `topology` (the host's
+//! NUMA nodes and GPUs), `error`.
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!(
@@ -31,6 +32,7 @@ mod job;
 mod numa;
 mod progress;
 mod region;
+mod topology;
 
 pub use arena::Arena;
 pub use cuda::{
@@ -43,3 +45,4 @@ pub use host::HostDmaEngine;
 pub use job::{enqueue_layers, finish_layers, EnqueuedLayer};
 pub use progress::{ProgressBoard, FAILED as PROGRESS_FAILED};
 pub use region::{HostRegion, RegionSource};
+pub use topology::{canonical_gpu_uuid, discover_gpus, numa_nodes, GpuDevice};

@@ -26,40 +26,42 @@ pub(crate) enum NumaPlacement {
 
 /// Decides where the arena of the GPU at PCI `bus_id` goes, reading sysfs under `root`.
 pub(crate) fn placement(root: &Path, bus_id: &str) -> NumaPlacement {
-    let Some(name) = sysfs_pci_name(bus_id) else {
-        return NumaPlacement::Skip(format!("unrecognised PCI bus id {bus_id:?}"));
-    };
-    let path = root.join("bus/pci/devices").join(&name).join("numa_node");
-    let node = match std::fs::read_to_string(&path) {
-        Ok(text) => match text.trim().parse::<i64>() {
-            Ok(node) => node,
-            Err(_) => {
-                return NumaPlacement::Skip(format!(
-                    "{} holds {:?}, not a node number",
-                    path.display(),
-                    text.trim()
-                ))
-            }
-        },
-        Err(e) => return NumaPlacement::Skip(format!("cannot read {}: {e}", path.display())),
-    };
-    let Ok(node) = u32::try_from(node) else {
-        return NumaPlacement::Skip(format!(
-            "the platform reports no NUMA node for the GPU ({name}: {node})"
-        ));
+    let node = match device_node(root, bus_id) {
+        Ok(node) => node,
+        Err(why) => return NumaPlacement::Skip(why),
     };
     let online = root.join("devices/system/node/online");
     // Unreadable (no NUMA support in the kernel) counts as one node.
     let nodes = std::fs::read_to_string(&online)
         .ok()
-        .and_then(|text| count_node_list(&text))
-        .unwrap_or(1);
+        .and_then(|text| parse_node_list(&text))
+        .map_or(1, |nodes| nodes.len());
     if nodes <= 1 {
         return NumaPlacement::Skip(format!(
-            "one NUMA node online; the GPU ({name}) is on {node}"
+            "one NUMA node online; the GPU ({bus_id}) is on {node}"
         ));
     }
     NumaPlacement::Prefer(node)
+}
+
+/// The NUMA node of the PCI device at `bus_id`, read from sysfs under `root`, or why it is not
+/// known.
+pub(crate) fn device_node(root: &Path, bus_id: &str) -> Result<u32, String> {
+    let Some(name) = sysfs_pci_name(bus_id) else {
+        return Err(format!("unrecognised PCI bus id {bus_id:?}"));
+    };
+    let path = root.join("bus/pci/devices").join(&name).join("numa_node");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let node = text.trim().parse::<i64>().map_err(|_| {
+        format!(
+            "{} holds {:?}, not a node number",
+            path.display(),
+            text.trim()
+        )
+    })?;
+    u32::try_from(node)
+        .map_err(|_| format!("the platform reports no NUMA node for the GPU ({name}: {node})"))
 }
 
 /// The sysfs directory name of a PCI device: lowercase, the domain as 4 hex digits
@@ -83,22 +85,27 @@ fn sysfs_pci_name(bus_id: &str) -> Option<String> {
     ))
 }
 
-/// How many nodes a sysfs node list names (`0`, `0-1`, `0,2-3`); `None` if it does not parse.
-fn count_node_list(text: &str) -> Option<u32> {
+/// The nodes a sysfs node list names (`0`, `0-1`, `0,2-3`), in order; `None` if it does not
+/// parse.
+pub(crate) fn parse_node_list(text: &str) -> Option<Vec<u32>> {
     let text = text.trim();
     if text.is_empty() {
-        return Some(0);
+        return Some(Vec::new());
     }
-    text.split(',').try_fold(0u32, |count, part| {
-        let n = match part.split_once('-') {
+    let mut nodes = Vec::new();
+    for part in text.split(',') {
+        match part.split_once('-') {
             Some((lo, hi)) => {
                 let (lo, hi) = (lo.parse::<u32>().ok()?, hi.parse::<u32>().ok()?);
-                hi.checked_sub(lo)? + 1
+                if hi < lo {
+                    return None;
+                }
+                nodes.extend(lo..=hi);
             }
-            None => part.parse::<u32>().map(|_| 1).ok()?,
-        };
-        count.checked_add(n)
-    })
+            None => nodes.push(part.parse::<u32>().ok()?),
+        }
+    }
+    Some(nodes)
 }
 
 #[cfg(test)]
@@ -146,13 +153,13 @@ mod tests {
     }
 
     #[test]
-    fn node_lists_are_counted() {
-        assert_eq!(count_node_list("0\n"), Some(1));
-        assert_eq!(count_node_list("0-1\n"), Some(2));
-        assert_eq!(count_node_list("0,2-3"), Some(3));
-        assert_eq!(count_node_list(""), Some(0));
-        assert_eq!(count_node_list("3-1"), None);
-        assert_eq!(count_node_list("x"), None);
+    fn node_lists_are_parsed() {
+        assert_eq!(parse_node_list("0\n"), Some(vec![0]));
+        assert_eq!(parse_node_list("0-1\n"), Some(vec![0, 1]));
+        assert_eq!(parse_node_list("0,2-3"), Some(vec![0, 2, 3]));
+        assert_eq!(parse_node_list(""), Some(vec![]));
+        assert_eq!(parse_node_list("3-1"), None);
+        assert_eq!(parse_node_list("x"), None);
     }
 
     #[test]

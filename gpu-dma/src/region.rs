@@ -42,8 +42,6 @@ pub enum RegionSource {
         offset: u64,
         /// The region's size in bytes (the storage's `nbytes()`).
         bytes: u64,
-        /// The CUDA device ordinal the memory lives on, as the engine process numbers it.
-        device: u32,
         /// Interprocess event handles (`cudaIpcGetEventHandle`) of the engine's own per-layer
         /// events, a ring the engine created once; a save waits GPU-side on one slot per layer
         /// ([`crate::DmaEngine::wait_engine_event`]) instead of the engine synchronizing its stream

@@ -16,7 +16,7 @@ const fmt = {
     return (i === 0 ? v.toFixed(0) : v.toFixed(1)) + " " + units[i];
   },
   percent: (v) => (v * 100).toFixed(1) + " %",
-  gbps: (v) => v.toFixed(2) + " GB/s",
+  gb_per_s: (v) => v.toFixed(2) + " GB/s",
   rate: (v) => (v >= 1e9 ? (v / 1e9).toFixed(2) + " GB/s" : v >= 1e6 ? (v / 1e6).toFixed(1) + " MB/s" : (v / 1e3).toFixed(1) + " kB/s"),
   seconds: (v) => (v >= 1 ? v.toFixed(2) + " s" : v >= 1e-3 ? (v * 1e3).toFixed(2) + " ms" : (v * 1e6).toFixed(0) + " \u00b5s"),
   duration: (v) => {
@@ -142,6 +142,20 @@ function rows(id, html) { document.getElementById(id).innerHTML = html; }
 
 function cell(v, f) { return `<td data-v="${v}">${fmt[f](v)}</td>`; }
 
+/** Text from the node (GPU names, configured UUIDs) as HTML. */
+function text(v) {
+  return String(v ?? "").replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+}
+
+/** The NUMA nodes and GPUs the node serves. */
+function renderTopology(t) {
+  if (!t) return;
+  document.getElementById("numa-nodes").textContent = `NUMA nodes ${t.numa_nodes.join(", ")}`;
+  rows("gpu-rows", t.gpus.map((g) => `<tr data-gpu="${text(g.uuid)}"><td>${text(g.uuid)}</td><td>${g.kind}</td>` +
+    `<td>${g.numa_node}</td><td>${text([g.name, g.pci_bus_id].filter(Boolean).join(" "))}</td></tr>`).join("") ||
+    `<tr><td colspan="4" class="muted">no GPU${t.driver_error ? ": " + text(t.driver_error) : ""}</td></tr>`);
+}
+
 function render() {
   const s = history[history.length - 1].s;
   fill(s);
@@ -167,10 +181,13 @@ function render() {
     .map(([op, l]) => `<tr data-op="${op}"><td>${op}</td>${cell(l.count, "count")}${cell(l.p50_seconds, "seconds")}` +
       `${cell(l.p90_seconds, "seconds")}${cell(l.p99_seconds, "seconds")}</tr>`).join("") ||
     `<tr><td colspan="5" class="muted">no requests yet</td></tr>`);
+  renderTopology(s.topology);
+  rows("numa-pool-rows", (s.pools || []).map((p) => `<tr data-numa-node="${p.numa_node}"><td>${p.numa_node}</td>` +
+    `${cell(p.used_bytes, "bytes")}${cell(p.capacity_bytes, "bytes")}${cell(p.pages, "count")}${cell(p.evictions, "count")}</tr>`).join(""));
   rows("device-rows", s.transfers.flatMap((d) => ["save", "load"].map((dir) => {
     const x = d[dir];
     return `<tr data-device="${d.device}" data-dir="${dir}"><td>${d.device}</td><td>${dir}</td>${cell(x.bytes, "bytes")}` +
-      `${cell(x.gbps, "gbps").replace(" GB/s", "")}${cell(x.latency.count, "count")}` +
+      `${cell(x.gb_per_s, "gb_per_s").replace(" GB/s", "")}${cell(x.latency.count, "count")}` +
       `${cell(x.latency.p50_seconds, "seconds")}${cell(x.latency.p99_seconds, "seconds")}</tr>`;
   })).join(""));
 

@@ -26,6 +26,12 @@ pub struct ExtentAllocator {
 impl ExtentAllocator {
     /// An allocator over `capacity` bytes; `align` must be a power of two.
     pub fn new(capacity: u64, align: u64) -> Self {
+        Self::over(0, capacity, align)
+    }
+
+    /// An allocator over the `capacity` bytes from `base` (aligned to `align`): one pool's
+    /// slice of an arena shared with other pools.
+    pub fn over(base: u64, capacity: u64, align: u64) -> Self {
         let align = align.max(1).next_power_of_two();
         let capacity = capacity - capacity % align;
         let mut allocator = Self {
@@ -36,7 +42,7 @@ impl ExtentAllocator {
             by_size: BTreeSet::new(),
         };
         if capacity > 0 {
-            allocator.insert_free(0, capacity);
+            allocator.insert_free(base, capacity);
         }
         allocator
     }
@@ -136,6 +142,17 @@ mod tests {
                 len: 8 * 4096
             })
         );
+    }
+
+    #[test]
+    fn an_allocator_over_a_slice_hands_out_only_its_offsets() {
+        let mut a = ExtentAllocator::over(8 * 4096, 2 * 4096, 4096);
+        let offsets: Vec<_> = (0..2)
+            .map(|_| a.allocate(4096).expect("room").offset)
+            .collect();
+        assert_eq!(offsets, [8 * 4096, 9 * 4096]);
+        assert!(a.allocate(1).is_none());
+        assert_eq!(a.capacity(), 2 * 4096);
     }
 
     #[test]

@@ -43,6 +43,12 @@ pub enum PoolMsg {
         lease_for: Option<OwnerId>,
         reply: RpcReplyPort<LookupOutcome>,
     },
+    /// Which of `keys` this pool holds in memory or is writing: another pool of the host asks
+    /// before it stores them, so a block is kept once per host.
+    Holds {
+        keys: Vec<BlockKey>,
+        reply: RpcReplyPort<Vec<bool>>,
+    },
     /// Reserves one extent per new key, evicting LRU pages as needed.
     ReserveSave {
         keys: Vec<BlockKey>,
@@ -201,14 +207,33 @@ pub struct PoolState {
     metrics: Arc<Metrics>,
     ssd: Option<SsdTier>,
     feed: Option<Box<dyn ResidencyFeed>>,
+    /// The NUMA node this pool's slice of the arena is on (the `numa_node` metric label).
+    numa_node: u32,
+    /// What [`PoolState::publish`] last added to the host-wide gauges.
+    published: PoolStats,
 }
 
 impl PoolState {
     /// An empty pool of `capacity` bytes handing out `align`-aligned extents, over `ssd` when
     /// the tier is on.
     pub fn new(capacity: u64, align: u64, metrics: Arc<Metrics>, ssd: Option<SsdTier>) -> Self {
-        let state = Self {
-            allocator: ExtentAllocator::new(capacity, align),
+        let whole = Extent {
+            offset: 0,
+            len: capacity,
+        };
+        Self::over(whole, 0, align, metrics, ssd)
+    }
+
+    /// An empty pool over the arena bytes of `span`, on NUMA node `numa_node`; see [`Self::new`].
+    pub fn over(
+        span: Extent,
+        numa_node: u32,
+        align: u64,
+        metrics: Arc<Metrics>,
+        ssd: Option<SsdTier>,
+    ) -> Self {
+        let mut state = Self {
+            allocator: ExtentAllocator::over(span.offset, span.len, align),
             index: PageIndex::default(),
             leases: HashMap::new(),
             writing: HashSet::new(),
@@ -219,6 +244,8 @@ impl PoolState {
             metrics,
             ssd,
             feed: None,
+            numa_node,
+            published: PoolStats::default(),
         };
         state.publish();
         state
@@ -269,6 +296,13 @@ impl PoolState {
             ssd_hits,
             lease,
         }
+    }
+
+    /// See [`PoolMsg::Holds`].
+    pub fn holds(&self, keys: &[BlockKey]) -> Vec<bool> {
+        keys.iter()
+            .map(|key| self.index.get(key).is_some() || self.writing.contains(key))
+            .collect()
     }
 
     /// See [`PoolMsg::ReserveSave`].
@@ -590,13 +624,31 @@ impl PoolState {
         }
     }
 
-    fn publish(&self) {
+    /// Sets this pool's gauges and moves the host-wide ones (the sums over pools) by what
+    /// changed since the last call.
+    fn publish(&mut self) {
         let stats = self.stats();
-        let m = &self.metrics;
-        m.pool_capacity_bytes.set(stats.capacity_bytes as i64);
-        m.pool_used_bytes.set(stats.used_bytes as i64);
-        m.pool_leased_bytes.set(stats.leased_bytes as i64);
-        m.pool_pages.set(stats.pages as i64);
+        let (m, was) = (&self.metrics, &self.published);
+        let delta = |now: u64, was: u64| now as i64 - was as i64;
+        m.pool_capacity_bytes
+            .add(delta(stats.capacity_bytes, was.capacity_bytes));
+        m.pool_used_bytes
+            .add(delta(stats.used_bytes, was.used_bytes));
+        m.pool_leased_bytes
+            .add(delta(stats.leased_bytes, was.leased_bytes));
+        m.pool_pages.add(delta(stats.pages, was.pages));
+        let node = [self.numa_node.to_string()];
+        let node = [node[0].as_str()];
+        m.numa_pool_capacity_bytes
+            .with_label_values(&node)
+            .set(stats.capacity_bytes as i64);
+        m.numa_pool_used_bytes
+            .with_label_values(&node)
+            .set(stats.used_bytes as i64);
+        m.numa_pool_pages
+            .with_label_values(&node)
+            .set(stats.pages as i64);
+        self.published = stats;
     }
 }
 
@@ -655,6 +707,7 @@ impl Actor for PoolActor {
                 lease_for,
                 reply,
             } => drop(reply.send(state.lookup(&keys, lease_for))),
+            PoolMsg::Holds { keys, reply } => drop(reply.send(state.holds(&keys))),
             PoolMsg::ReserveSave {
                 keys,
                 page_bytes,

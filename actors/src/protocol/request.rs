@@ -10,10 +10,14 @@ use crate::keys::NamespaceFields;
 /// The only protocol version this node speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// `hello`: opens a conversation and checks the version.
+/// `hello`: opens a conversation and checks the versions (docs/protocol.md "Versions").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelloRequest {
     pub client: String,
+    /// The client's package version, e.g. `"0.1.0"`; clients older than the handshake send
+    /// none, and are then checked by protocol (`v`) only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// The engine's KV memory as the connector describes it: a POSIX shared-memory name (engines
@@ -32,9 +36,10 @@ pub struct RegionSpec {
     /// Where the KV buffer starts inside the IPC allocation.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub offset: u64,
-    /// CUDA device ordinal of the allocation.
+    /// The GPU the region belongs to, by UUID (`GPU-...`, as `nvidia-smi -L` prints it): required
+    /// with `cuda_ipc`; with `shm`, a GPU of the node's `topology.gpus` or none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<u32>,
+    pub gpu: Option<String>,
     pub bytes: u64,
 }
 
@@ -158,14 +163,7 @@ pub fn decode_request(payload: &[u8]) -> Result<(u64, Request), RejectedRequest>
         .ok_or_else(|| reject(ProtoError::new(ErrorCode::BadField, "missing field `id`")))?;
     match header.v {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        Some(v) => {
-            return Err(reject(ProtoError::new(
-                ErrorCode::UnsupportedVersion,
-                format!(
-                    "field `v`: version {v} is not supported; this node speaks {PROTOCOL_VERSION}"
-                ),
-            )))
-        }
+        Some(v) => return Err(reject(super::handshake::unsupported_protocol(v))),
         None => {
             return Err(reject(ProtoError::new(
                 ErrorCode::BadField,

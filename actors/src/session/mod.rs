@@ -20,17 +20,20 @@ use tokio::task::JoinHandle;
 use crate::context::NodeContext;
 use crate::keys::BlockKey;
 use crate::layout::EngineLayout;
-use crate::pool::{OwnerId, PoolMsg};
+use crate::pool::OwnerId;
 use crate::protocol::{
     decode_request, encode_frame, encode_reply, read_frame, ErrorCode, FrameError, ProtoError,
     Request,
 };
 use crate::transfer::{RegionId, TransferMsg};
+use crate::transfers::TransferHandle;
 use responder::{ReplySink, Responder};
 
 /// An engine registered on this session.
 pub struct Engine {
     pub layout: EngineLayout,
+    /// The transfer actor of the engine's GPU, which opened its region.
+    pub transfer: Arc<TransferHandle>,
     pub region: RegionId,
     pub namespace: BlockKey,
     /// How many `engine_events` the engine registered: a save's `after_events` index them.
@@ -125,8 +128,12 @@ impl Actor for SessionActor {
 /// by the node when a session actor fails, so a crash leaks nothing.
 pub fn release_session(ctx: &NodeContext, id: OwnerId) {
     // A failed send means the pool or transfer actor is already gone (shutdown): nothing to return.
-    let _ = ctx.pool.cast(PoolMsg::ReleaseOwner { owner: id });
-    let _ = ctx.transfer.cast(TransferMsg::CloseOwner { owner: id });
+    ctx.pools.release_owner(id);
+    for transfer in ctx.transfers.all() {
+        if let Ok(actor) = transfer.actor() {
+            let _ = actor.cast(TransferMsg::CloseOwner { owner: id });
+        }
+    }
     ctx.metrics.sessions.dec();
 }
 

@@ -866,7 +866,6 @@ fn ipc_selftest(path: &str) -> BenchResult<()> {
         handle: x.handle,
         offset: x.offset,
         bytes: x.bytes,
-        device: x.device,
         engine_events: Vec::new(),
     })?;
     let plan = |blocks: &[u64]| -> Vec<Vec<CopyOp>> {

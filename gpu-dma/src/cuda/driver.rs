@@ -110,10 +110,15 @@ pub(crate) fn bind(ctx: &CudaContext) -> Result<(), DmaError> {
 /// The PCI bus id of the context's device as the driver formats it (e.g. `0000:1B:00.0`), to
 /// find the device's NUMA node in sysfs.
 pub(crate) fn pci_bus_id(ctx: &CudaContext) -> Result<String, DmaError> {
+    pci_bus_id_of(ctx.cu_device())
+}
+
+/// The PCI bus id of `device`, as [`pci_bus_id`] formats it.
+pub(crate) fn pci_bus_id_of(device: sys::CUdevice) -> Result<String, DmaError> {
     let mut buf = [0 as std::ffi::c_char; 64];
     // SAFETY: the driver writes at most `len` bytes into `buf`, NUL-terminated.
     check(
-        unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, ctx.cu_device()) },
+        unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, device) },
         || "cuDeviceGetPCIBusId".into(),
     )?;
     let bytes: Vec<u8> = buf

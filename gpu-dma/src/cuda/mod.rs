@@ -35,6 +35,7 @@ pub use kernel::KernelConfig;
 pub use pinned::{PinProgress, PIN_CHUNK_BYTES};
 pub use region::CudaRegion;
 
+pub(crate) use driver::pci_bus_id_of;
 use driver::{bind, DeviceInfo};
 use events::End;
 use kernel::{build_descriptors, Kernel};
@@ -72,6 +73,16 @@ pub enum CopyPath {
     PerOpMemcpy,
 }
 
+/// How a new engine gets its arena pinned.
+enum Pinning {
+    /// Prefer the GPU's NUMA node for the arena's pages, then pin it.
+    PlaceAndPin,
+    /// Pin it where the caller placed it.
+    Pin,
+    /// Another engine of the process pinned it (portable to every context).
+    Shared(Arc<PinnedArena>),
+}
+
 /// The path's current mover: the kernel is compiled once when the path is chosen.
 enum Active {
     Kernel(Kernel),
@@ -90,7 +101,8 @@ pub struct CudaDmaEngine {
     load: Lane,
     /// The mover of saves (`[0]`) and of loads (`[1]`).
     active: [RwLock<Active>; 2],
-    pinned: PinnedArena,
+    /// Shared by every engine of the process: the registration is portable to all contexts.
+    pinned: Arc<PinnedArena>,
     arena: Arc<Arena>,
     info: DeviceInfo,
     ordinal: usize,
@@ -111,13 +123,41 @@ impl CudaDmaEngine {
     /// Returns [`DmaError::CudaUnavailable`] when there is no usable driver or device, so the
     /// node can log why and use the host engine.
     pub fn new(ordinal: usize, arena: Arc<Arena>) -> Result<CudaDmaEngine, DmaError> {
+        Self::open(ordinal, arena, Pinning::PlaceAndPin)
+    }
+
+    /// [`CudaDmaEngine::new`] for an arena whose NUMA placement the caller chose (the node puts
+    /// each NUMA node's pool on its node): pins it without giving it the GPU's node.
+    pub fn over_placed(ordinal: usize, arena: Arc<Arena>) -> Result<CudaDmaEngine, DmaError> {
+        Self::open(ordinal, arena, Pinning::Pin)
+    }
+
+    /// Opens device `ordinal` copying into the arena `first` copies into, without pinning it
+    /// again: the arena is registered once, portable to every context of the process
+    /// (`CU_MEMHOSTREGISTER_PORTABLE`), so each GPU's engine addresses the same pinned pages.
+    pub fn alongside(ordinal: usize, first: &CudaDmaEngine) -> Result<CudaDmaEngine, DmaError> {
+        let pinned = Pinning::Shared(first.pinned.clone());
+        Self::open(ordinal, first.arena.clone(), pinned)
+    }
+
+    fn open(
+        ordinal: usize,
+        arena: Arc<Arena>,
+        pinning: Pinning,
+    ) -> Result<CudaDmaEngine, DmaError> {
         let started = Instant::now();
         let (ctx, info) = driver::open_device(ordinal)?;
         let context_s = started.elapsed().as_secs_f64();
         let save = Lane::new(&ctx)?;
         let load = Lane::new(&ctx)?;
-        place_arena(&ctx, &arena);
-        let pinned = PinnedArena::start(ctx.clone(), arena.clone())?;
+        let pinned = match pinning {
+            Pinning::Shared(pinned) => pinned,
+            Pinning::PlaceAndPin => {
+                place_arena(&ctx, &arena);
+                Arc::new(PinnedArena::start(ctx.clone(), arena.clone())?)
+            }
+            Pinning::Pin => Arc::new(PinnedArena::start(ctx.clone(), arena.clone())?),
+        };
         let compile_started = Instant::now();
         let (save_path, load_path, fallback_reason) = default_paths(&ctx, &info)?;
         let startup = format!(
@@ -478,7 +518,6 @@ impl DmaEngine for CudaDmaEngine {
                 handle,
                 offset,
                 bytes,
-                device: _,
                 engine_events,
             } => CudaRegion::open_ipc(
                 &self.ctx,

@@ -11,6 +11,9 @@
 //! region is a POSIX shared-memory file filled with random bytes, and every load is checked
 //! byte for byte against what was saved: a fast copy of wrong bytes is worth nothing.
 //!
+//! With `--gpus` it then starts a node with two GPUs of host engines (module [`gpus`]) and
+//! measures two engines on the two transfer actors, each alone and both at once.
+//!
 //! With `--fabric` it then starts two nodes with the fabric on (module [`fabric`]) and measures
 //! what a peer adds: lookup latency of a prefix only a peer holds, and loads that fetch pages
 //! over the link, against a plain TCP copy of the same bytes and a load from the node's own pool.
@@ -33,6 +36,7 @@ use pegaflow_config::{DmaEngine, NodeConfig, Size};
 use serde::Serialize;
 
 mod fabric;
+mod gpus;
 
 /// docs/design.md §9: lookup of a 640-block prefix over the socket, p99.
 const LOOKUP_P99_TARGET_US: f64 = 100.0;
@@ -85,6 +89,10 @@ struct Args {
     /// fetch throughput); off by default because it needs two more pools of `--pool-size`.
     #[arg(long)]
     fabric: bool,
+    /// Then also run the two-GPU benchmark: two engines on two transfer actors (GPUs of host
+    /// engines), each alone and both at once; needs a third pool of `--pool-size`.
+    #[arg(long)]
+    gpus: bool,
 }
 
 fn main() -> Result<()> {
@@ -130,6 +138,9 @@ async fn run(args: &Args) -> Result<()> {
     if args.fabric {
         report.fabric = Some(fabric::bench(args, &shape, &region).await?);
     }
+    if args.gpus {
+        report.gpus = Some(gpus::bench(args, &shape).await?);
+    }
     report.print();
     if let Some(path) = &args.json {
         write_json(path, &report)?;
@@ -168,6 +179,7 @@ async fn bench(
         copy,
         lookup,
         fabric: None,
+        gpus: None,
     })
 }
 
@@ -253,13 +265,14 @@ impl Shape {
         }
     }
 
-    /// The `register` request describing `region`.
-    fn register_request(&self, region: &ShmRegion) -> RegisterRequest {
+    /// The `register` request describing `region`, on `gpu` (a `topology.gpus` entry) if given.
+    fn register_request(&self, region: &ShmRegion, gpu: Option<&str>) -> RegisterRequest {
         let layer_bytes = self.segment_bytes * u64::from(self.region_blocks);
         RegisterRequest {
             namespace: self.namespace(),
             region: RegionSpec {
                 shm: Some(region.name.clone()),
+                gpu: gpu.map(str::to_owned),
                 bytes: region.len as u64,
                 ..RegionSpec::default()
             },
@@ -289,14 +302,20 @@ async fn connect(
     let mut client = Client::connect(node.socket_path())
         .await
         .context("cannot connect to the node's socket")?;
-    let engine = register(&mut client, shape, region).await?;
+    let engine = register(&mut client, shape, region, None).await?;
     Ok((client, engine))
 }
 
-/// Registers the region and checks the node agrees on the page size and namespace.
-async fn register(client: &mut Client, shape: &Shape, region: &ShmRegion) -> Result<Engine> {
+/// Registers the region (on `gpu` if given) and checks the node agrees on the page size and
+/// namespace.
+async fn register(
+    client: &mut Client,
+    shape: &Shape,
+    region: &ShmRegion,
+    gpu: Option<&str>,
+) -> Result<Engine> {
     let reply = client
-        .register(shape.register_request(region))
+        .register(shape.register_request(region, gpu))
         .await
         .context("register failed")?;
     ensure!(
@@ -902,6 +921,9 @@ struct Report {
     /// Present with `--fabric`.
     #[serde(skip_serializing_if = "Option::is_none")]
     fabric: Option<fabric::FabricReport>,
+    /// Present with `--gpus`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpus: Option<gpus::GpusReport>,
 }
 
 impl Report {
@@ -955,6 +977,9 @@ impl Report {
         );
         if let Some(fabric) = &self.fabric {
             fabric.print();
+        }
+        if let Some(gpus) = &self.gpus {
+            gpus.print();
         }
     }
 }

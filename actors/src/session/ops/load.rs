@@ -6,9 +6,9 @@ use pegaflow_gpu_dma::Direction;
 
 use super::queued::{copy_then, Answered};
 use super::BlocksJob;
-use crate::context::{ask, NodeContext};
+use crate::context::NodeContext;
 use crate::keys::BlockKey;
-use crate::pool::{LoadGrant, PageEntry, PoolMsg, TransferLease};
+use crate::pool::{PageEntry, TransferLease};
 use crate::protocol::{LoadReply, ProtoError, ReplyBody};
 use crate::transfer::{CopyJob, QueuedCopy};
 
@@ -17,7 +17,8 @@ use crate::transfer::{CopyJob, QueuedCopy};
 pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
     let ctx = &job.ctx;
     let page_bytes = job.engine.layout.page_bytes();
-    let (pages, leases) = pin_pages(ctx, &job.keys, page_bytes).await?;
+    let near = job.engine.transfer.numa_node;
+    let (pages, leases) = pin_pages(ctx, near, &job.keys, page_bytes).await?;
     let blocks: Vec<(u32, u64)> = job
         .block_ids
         .iter()
@@ -34,8 +35,9 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             checksum_pages: Vec::new(),
             wait_events: Vec::new(),
         };
+        let transfer = job.engine.transfer.actor()?;
         // The pages stay pinned by `leases` until the copies are done, answered early or not.
-        let copied = copy_then(ctx, copy, true, "load", |_| async move {
+        let copied = copy_then(&transfer, copy, true, "load", |_| async move {
             drop(leases);
             Ok(())
         });
@@ -53,39 +55,29 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
     }))
 }
 
-/// Pins the longest prefix of `keys` held here; with the fabric on, fetches the rest that peers
-/// hold into the pool and pins that too. The pins end when the returned guards drop.
+/// Pins the longest prefix of `keys` held in the host's pools (nearest `numa_node` first); with
+/// the fabric on, fetches the rest that peers hold into the pool and pins that too. The pins end
+/// when the returned guards drop.
 async fn pin_pages(
     ctx: &NodeContext,
+    numa_node: u32,
     keys: &[BlockKey],
     page_bytes: u64,
 ) -> Result<(Vec<PageEntry>, Vec<TransferLease>), ProtoError> {
-    let local = acquire(ctx, keys, page_bytes).await?;
-    let mut pages = local.pages;
-    let mut leases = vec![TransferLease::new(ctx.pool.clone(), local.lease)];
+    let (mut pages, mut leases) = ctx.pools.acquire_load(numa_node, keys, page_bytes).await?;
     let missed = &keys[pages.len().min(keys.len())..];
     let Some(peers) = ctx.peers.as_ref().filter(|_| !missed.is_empty()) else {
         return Ok((pages, leases));
     };
     let fetched = peers.fetch_into_pool(missed, page_bytes).await?;
     if fetched.stored > 0 {
-        let remote = acquire(ctx, &missed[..fetched.stored as usize], page_bytes).await?;
-        pages.extend(remote.pages);
-        leases.push(TransferLease::new(ctx.pool.clone(), remote.lease));
+        let fetched = &missed[..fetched.stored as usize];
+        let (remote, pins) = ctx
+            .pools
+            .acquire_load(numa_node, fetched, page_bytes)
+            .await?;
+        pages.extend(remote);
+        leases.extend(pins);
     }
     Ok((pages, leases))
-}
-
-async fn acquire(
-    ctx: &NodeContext,
-    keys: &[BlockKey],
-    page_bytes: u64,
-) -> Result<LoadGrant, ProtoError> {
-    let keys = keys.to_vec();
-    ask(&ctx.pool, "pool", |reply| PoolMsg::AcquireLoad {
-        keys,
-        page_bytes,
-        reply,
-    })
-    .await
 }

@@ -6,7 +6,9 @@ use std::future::Future;
 
 use tokio::sync::oneshot;
 
-use crate::context::{ask, NodeContext};
+use ractor::ActorRef;
+
+use crate::context::ask;
 use crate::protocol::{ErrorCode, ProtoError};
 use crate::transfer::{CopyJob, QueuedCopy, TransferMsg};
 
@@ -19,11 +21,11 @@ pub enum Answered<T> {
     Done(T),
 }
 
-/// Runs `copy` on the transfer actor and then `after` with its checksums, in a task of its own,
+/// Runs `copy` on `transfer` and then `after` with its checksums, in a task of its own,
 /// and returns once the copies are queued with event slots to wait on (when `early` and the
 /// engine has layer events), else once `after` is done. `what` names the op in errors and logs.
 pub async fn copy_then<T, F, Fut>(
-    ctx: &NodeContext,
+    transfer: &ActorRef<TransferMsg>,
     copy: CopyJob,
     early: bool,
     what: &'static str,
@@ -36,7 +38,7 @@ where
 {
     let (queued, enqueued) = oneshot::channel();
     let queued = early.then_some(queued);
-    let transfer = ctx.transfer.clone();
+    let transfer = transfer.clone();
     let done = tokio::spawn(async move {
         let crcs = ask(&transfer, "transfer", |reply| TransferMsg::Copy {
             job: copy,

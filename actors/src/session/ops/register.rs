@@ -49,7 +49,6 @@ fn region_source(spec: &RegionSpec, engine_events: &[Bin]) -> Result<RegionSourc
                 handle,
                 offset: spec.offset,
                 bytes: spec.bytes,
-                device: spec.device.unwrap_or(0),
                 engine_events,
             })
         }
@@ -90,7 +89,12 @@ pub async fn handle(
     let source = region_source(&req.region, &req.engine_events)?;
     let progress = progress_board(&source, req.load_progress.as_deref())?;
     let owner = state.id;
-    let opened = ask(&state.ctx.transfer, "transfer", |reply| TransferMsg::Open {
+    let cuda_ipc = matches!(source, RegionSource::CudaIpc { .. });
+    let transfer = state
+        .ctx
+        .transfers
+        .route(req.region.gpu.as_deref(), cuda_ipc)?;
+    let opened = ask(&transfer.actor()?, "transfer", |reply| TransferMsg::Open {
         owner,
         source,
         progress,
@@ -106,12 +110,13 @@ pub async fn handle(
         engine,
         Arc::new(Engine {
             layout,
+            transfer: transfer.clone(),
             region: opened.id,
             namespace,
             engine_events: req.engine_events.len() as u32,
         }),
     );
-    tracing::info!(session = state.id, engine, model = %req.namespace.model, page_bytes, "engine registered");
+    tracing::info!(session = state.id, engine, model = %req.namespace.model, page_bytes, device = %transfer.device, "engine registered");
     Ok(ReplyBody::Register(RegisterReply {
         engine,
         namespace: namespace.to_vec(),

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use pegaflow_gpu_dma::Direction;
+use ractor::ActorRef;
 
 use super::queued::{copy_then, Answered};
 use super::BlocksJob;
@@ -13,7 +14,8 @@ use crate::pool::{PoolMsg, SaveSlot, TransferLease};
 use crate::protocol::{ErrorCode, ProtoError, ReplyBody, SaveReply};
 use crate::transfer::CopyJob;
 
-/// Reserves pages, copies every layer of each new block, then publishes them.
+/// Reserves pages in the pool nearest the engine's GPU, copies every layer of each new block,
+/// then publishes them.
 pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
     if job.persist && job.answer_when_queued {
         return Err(ProtoError::new(
@@ -25,14 +27,9 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
     let ctx = &job.ctx;
     let page_bytes = job.engine.layout.page_bytes();
     let persist_keys = job.persist.then(|| job.keys.clone());
-    let keys = job.keys;
-    let reservation = ask(&ctx.pool, "pool", |reply| PoolMsg::ReserveSave {
-        keys,
-        page_bytes,
-        reply,
-    })
-    .await?;
-    let lease = TransferLease::new(ctx.pool.clone(), reservation.lease);
+    let near = job.engine.transfer.numa_node;
+    let (pool, reservation) = ctx.pools.reserve_save(near, job.keys, page_bytes).await?;
+    let lease = TransferLease::new(pool.clone(), reservation.lease);
     let mut counts = SaveReply::default();
     let mut blocks = Vec::new();
     for (slot, &block) in reservation.slots.iter().zip(&job.block_ids) {
@@ -51,9 +48,17 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
             wait_events: job.after_events,
         };
         let node = ctx.clone();
-        let commit = |crcs| async move { publish(&node, lease, crcs).await };
+        let commit = |crcs| async move { publish(&node, &pool, lease, crcs).await };
         let written = blocks.len() as u32;
-        match copy_then(ctx, copy, job.answer_when_queued, "save", commit).await? {
+        match copy_then(
+            &job.engine.transfer.actor()?,
+            copy,
+            job.answer_when_queued,
+            "save",
+            commit,
+        )
+        .await?
+        {
             Answered::Queued(queued) => {
                 counts.stored = written;
                 counts.event_slots = queued.event_slots;
@@ -69,8 +74,9 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
         .inc_by(u64::from(counts.dropped));
     if let Some(keys) = persist_keys {
         // Waits until the held pages are written and synced to SSD.
-        counts.persisted =
-            Some(ask(&ctx.pool, "pool", |reply| PoolMsg::Persist { keys, reply }).await?);
+        // With the SSD tier on, the node has one pool.
+        let persist = |reply| PoolMsg::Persist { keys, reply };
+        counts.persisted = Some(ask(ctx.pools.first(), "pool", persist).await?);
     }
     Ok(ReplyBody::Save(counts))
 }
@@ -79,11 +85,12 @@ pub async fn run(job: BlocksJob) -> Result<ReplyBody, ProtoError> {
 /// rest were saved by another request meanwhile). `lease` lives until the commit is answered.
 async fn publish(
     ctx: &Arc<NodeContext>,
+    pool: &ActorRef<PoolMsg>,
     lease: TransferLease,
     crcs: Vec<u32>,
 ) -> Result<u32, ProtoError> {
     let lease_id = lease.id();
-    let stored = ask(&ctx.pool, "pool", |reply| PoolMsg::CommitSave {
+    let stored = ask(pool, "pool", |reply| PoolMsg::CommitSave {
         lease: lease_id,
         crcs,
         reply,
