@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-import time
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -263,30 +263,55 @@ def test_page_keys_follow_sglang_hashes() -> None:
     assert token_keys(namespace.digest(), tokens, PAGE)[0] == key
 
 
+def count_connects(monkeypatch: Any) -> list[str]:
+    """Every Unix-socket connect the process makes from now on, by path."""
+    paths: list[str] = []
+    connect = socket.socket.connect
+
+    def counting(self: socket.socket, address: Any) -> None:
+        if self.family == socket.AF_UNIX:
+            paths.append(str(address))
+        connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", counting)
+    return paths
+
+
 def test_node_down_means_misses_not_errors(
-    short_tmp: Path, node: NodeProcess, attach: Any, caplog: pytest.LogCaptureFixture
+    short_tmp: Path,
+    node: NodeProcess,
+    attach: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: Any,
 ) -> None:
+    """A down node costs one bounded connection attempt per retry interval and no wait for a
+    reply: once an attempt failed, every operation answers a miss without touching the socket."""
     hashes = page_hashes(prompt(7, 2), PAGE)
-    with caplog.at_level(logging.WARNING, logger="pegaflow"):
-        started = time.monotonic()
+    connects = count_connects(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="pegaflow"):
         absent, _ = attach(short_tmp / "no-node.sock")
+        assert connects, "attaching tries the node once"
+        attempt = list(connects)
         assert absent.batch_exists(hashes) == 0
         assert absent.batch_set_v1(hashes, slots([0, 1])) == [False, False]
         assert absent.batch_get_v1(hashes, slots([0, 1])) == [False, False]
         assert absent.get(hashes[0]) is None
         assert not absent.set(hashes[0], absent.mem_pool_host.get_data_page(0))
-        assert time.monotonic() - started < 10
+    assert connects == attempt, "no operation retried the node within the retry interval"
     assert any("unusable" in r.getMessage() for r in caplog.records)
 
     backend, pool = attach(node.socket)
     fill(pool, [0, 1], seed=7)
     assert backend.batch_set_v1(hashes, slots([0, 1])) == [True, True]
     node.kill()
-    started = time.monotonic()
-    assert backend.batch_exists(hashes) == 0
-    assert backend.batch_get_v1(hashes, slots([2, 3])) == [False, False]
-    assert backend.batch_set_v1(hashes, slots([0, 1])) == [False, False]
-    assert time.monotonic() - started < 10
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="pegaflow"):
+        assert backend.batch_exists(hashes) == 0  # the one bounded reconnect attempt
+        attempt = list(connects)
+        assert backend.batch_get_v1(hashes, slots([2, 3])) == [False, False]
+        assert backend.batch_set_v1(hashes, slots([0, 1])) == [False, False]
+    assert connects == attempt, "no operation retried the node within the retry interval"
+    assert not any("no reply within" in r.getMessage() for r in caplog.records)
 
 
 def test_an_incompatible_node_turns_storage_off_with_one_warning(
