@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: Rust lints and tests (units, the node through its socket, the scenario
 # harness), then the Python package's lints and tests against the freshly built node: real vLLM
-# (CPU), SGLang's storage interface, Prometheus, an OTLP receiver and headless Chromium.
+# (CPU), SGLang's storage interface, Prometheus, an OTLP receiver and headless Chromium; last, the
+# wheel as a user installs it (scripts/test-wheel.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +20,6 @@ bash scripts/install-sglang.sh .venv-vllm   # the vLLM CPU set first, then SGLan
 .venv-vllm/bin/ruff format --check connector scenarios/gpu
 export PEGAFLOW_NODE_BIN="$PWD/target/debug/pegaflow-node"
 .venv-vllm/bin/python -m pytest connector/tests -q
+# The wheel (dev profile), installed into a fresh venv without Rust: its node serves the demo and
+# a vLLM test.
+bash scripts/test-wheel.sh

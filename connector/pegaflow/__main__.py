@@ -104,11 +104,10 @@ def exec_node(args: list[str]) -> int:
         )
         return 2
     try:
-        os.execv(binary, [str(binary), *args])
+        os.execv(binary, [str(binary), *args])  # returns only by raising
     except OSError as exc:
         print(f"cannot start {binary}: {exc}", file=sys.stderr)
-        return 2
-    return 0  # not reached: execv returns only by raising
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

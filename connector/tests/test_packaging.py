@@ -95,3 +95,15 @@ def test_node_command_without_an_installed_binary_says_how_to_get_one(short_tmp:
     assert stdout == ""
     assert stderr.startswith("pegaflow-node is not installed with this pegaflow package"), stderr
     assert "install the pegaflow wheel" in stderr
+
+
+def test_node_command_with_a_binary_that_cannot_run_names_it(short_tmp: Path) -> None:
+    site = fake_distribution(short_tmp / "site", ["bin/pegaflow-node"])
+    binary = site / "bin/pegaflow-node"
+    binary.parent.mkdir()
+    binary.write_text("not a program\n")
+    binary.chmod(0o644)
+    process = run_node_command(site)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert stderr.startswith(f"cannot start {binary}: [Errno 13] Permission denied"), stderr
