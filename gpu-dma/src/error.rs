@@ -68,6 +68,34 @@ pub enum DmaError {
         source: io::Error,
     },
 
+    /// The engine shrank its region's file below the size it declared at register: a copy found
+    /// no bytes at `at`. The node stays up; the request fails.
+    #[error(
+        "shared-memory region {name:?} was shrunk below its declared {declared} bytes \
+         (nothing to copy at offset {at}); the engine must not truncate a registered region"
+    )]
+    RegionShrunk {
+        /// The region's shared-memory name.
+        name: String,
+        /// Where the copy found the file's end (or the file's size, when checked before a write).
+        at: u64,
+        /// The size declared at register.
+        declared: u64,
+    },
+
+    /// Reading or writing the region's file failed (the OS refused: no space left, ...).
+    #[error("cannot {what} shared-memory region {name:?} at offset {at}: {source}")]
+    RegionIo {
+        /// The region's shared-memory name.
+        name: String,
+        /// `"read"`, `"write"` or `"stat"`.
+        what: &'static str,
+        /// The offset of the failed call.
+        at: u64,
+        /// What the OS said.
+        source: io::Error,
+    },
+
     /// A copy (or an arena read/write) reaches past the end of the region or of the arena.
     #[error("{len} bytes at offset {offset} run past the end of the {what} ({limit} bytes)")]
     OutOfBounds {
@@ -116,6 +144,17 @@ pub enum DmaError {
         /// What the OS said.
         source: io::Error,
     },
+}
+
+impl DmaError {
+    /// Whether the error is the engine's region failing under a copy (shrunk, or refused by the
+    /// OS) rather than the node: the reply then says the region is unavailable, not `internal`.
+    pub fn is_region_fault(&self) -> bool {
+        matches!(
+            self,
+            DmaError::RegionShrunk { .. } | DmaError::RegionIo { .. }
+        )
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies within `[0, limit)` of the side named `what`.

@@ -14,12 +14,20 @@
 //! [`FAILED`] set when the load stopped before recording it. The engine creates the file, the
 //! node maps it at register (validated like a shared-memory KV region) and the engine unlinks it
 //! once registered, so no file outlives either process.
+//!
+//! Unlike a KV region the board is mapped: the engine polls its words with atomic loads, so the
+//! node's stores must be single 8-byte stores, which `pwrite` does not promise. An engine that
+//! shrinks its board while registered therefore still faults the node (docs/architecture.md,
+//! "What a client can do to the node").
 
+use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use memmap2::{MmapOptions, MmapRaw};
+
 use crate::error::DmaError;
-use crate::region::{HostRegion, DEFAULT_SHM_ROOT};
+use crate::region::{open_shm_file, DEFAULT_SHM_ROOT};
 
 /// Set in a slot's word when the load with that ticket failed before recording the slot.
 pub const FAILED: u64 = 1 << 63;
@@ -30,7 +38,7 @@ const WORD_BYTES: u64 = 8;
 /// An engine's board, mapped shared read-write.
 #[derive(Debug)]
 pub struct ProgressBoard {
-    words: HostRegion,
+    words: MmapRaw,
     slots: u32,
 }
 
@@ -43,7 +51,16 @@ impl ProgressBoard {
     }
 
     fn open_in(root: &Path, name: &str, slots: u32) -> Result<ProgressBoard, DmaError> {
-        let words = HostRegion::open(root, name, u64::from(slots) * WORD_BYTES)?;
+        let bytes = u64::from(slots) * WORD_BYTES;
+        let fd = open_shm_file(root, name, bytes)?;
+        let words = MmapOptions::new()
+            .len(bytes as usize)
+            .map_raw(&File::from(fd))
+            .map_err(|source| DmaError::RegionMap {
+                name: name.to_owned(),
+                bytes,
+                source,
+            })?;
         let board = ProgressBoard { words, slots };
         (0..slots).for_each(|slot| board.store(slot, 0));
         Ok(board)
@@ -79,7 +96,7 @@ impl ProgressBoard {
         let offset = (u64::from(slot) * WORD_BYTES) as usize;
         // SAFETY: the mapping is page-aligned and holds `slots` words, so the pointer is in
         // bounds and 8-byte aligned; it lives as long as `self`. The engine only reads it.
-        Some(unsafe { AtomicU64::from_ptr(self.words.base_ptr().add(offset).cast::<u64>()) })
+        Some(unsafe { AtomicU64::from_ptr(self.words.as_mut_ptr().add(offset).cast::<u64>()) })
     }
 }
 

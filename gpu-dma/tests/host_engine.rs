@@ -225,3 +225,61 @@ fn real_dev_shm_region() {
     engine.copy_layer(&region, Direction::Save, &[op]).unwrap();
     assert_eq!(arena.read(4096, 4000).unwrap(), &data[100..4100]);
 }
+
+/// An engine that shrinks its registered file (`ftruncate`) fails its own copies with an error
+/// naming the region; the node's process is never signalled, and a region left intact still
+/// copies. With a mapped region this test died of SIGBUS.
+#[test]
+fn a_shrunk_region_fails_copies_without_a_signal() {
+    let root = Path::new("/dev/shm");
+    let dir = tempfile::tempdir().unwrap();
+    // The real tmpfs where it exists (where SIGBUS came from), else any directory.
+    let root = if root.is_dir() { root } else { dir.path() };
+    let name = format!("pegaflow-test-{:016x}", rand::rng().random::<u64>());
+    let _guard = ShmFile(root.join(&name));
+    let bytes = 64 << 10;
+    random_region_file(root, &name, bytes as usize);
+    let intact_data = random_region_file(dir.path(), "intact", bytes as usize);
+
+    let arena = Arc::new(Arena::new(2 * bytes, "test-arena").unwrap());
+    let engine = HostDmaEngine::with_shm_root(arena.clone(), root.to_owned());
+    let region = engine.open_region(&shm(&name, bytes)).unwrap();
+    let other = HostDmaEngine::with_shm_root(arena.clone(), dir.path().to_owned());
+    let intact = other.open_region(&shm("intact", bytes)).unwrap();
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join(&name))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let ops = [CopyOp {
+        region_offset: 4096,
+        arena_offset: 0,
+        len: 8192,
+    }];
+    for direction in [Direction::Save, Direction::Load] {
+        let err = engine.copy_layer(&region, direction, &ops).unwrap_err();
+        assert!(
+            matches!(&err, DmaError::RegionShrunk { name: n, declared, .. } if *n == name && *declared == bytes),
+            "{direction:?}: {err}"
+        );
+        assert!(err.is_region_fault());
+        assert!(err.to_string().contains(&name), "{err}");
+    }
+    // The failed load did not grow the file back.
+    assert_eq!(std::fs::metadata(root.join(&name)).unwrap().len(), 0);
+
+    // Another engine's region, untouched, still copies exactly.
+    let intact_ops: Vec<CopyOp> = (0..16)
+        .map(|i| CopyOp {
+            region_offset: i * 4096,
+            arena_offset: i * 4096,
+            len: 4096,
+        })
+        .collect();
+    other
+        .copy_layer(&intact, Direction::Save, &intact_ops)
+        .unwrap();
+    assert_eq!(arena.read(0, 16 * 4096).unwrap(), &intact_data[..16 * 4096]);
+}

@@ -131,15 +131,22 @@ impl ShmRegion {
 
     /// Every byte of one block, layer by layer, segment by segment.
     pub fn block(&self, block: u32) -> Vec<u8> {
-        let req = self.register_request();
-        let mut out = Vec::new();
-        for segments in &req.layers {
-            for &(offset, stride) in segments {
+        self.block_ranges(block)
+            .flat_map(|at| self.map[at].to_vec())
+            .collect()
+    }
+
+    /// Where a block's bytes lie in `map`, layer by layer, segment by segment.
+    pub fn block_ranges(&self, block: u32) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let segment_bytes = self.segment_bytes as usize;
+        self.register_request()
+            .layers
+            .into_iter()
+            .flatten()
+            .map(move |(offset, stride)| {
                 let start = (offset + u64::from(block) * stride) as usize;
-                out.extend_from_slice(&self.map[start..start + self.segment_bytes as usize]);
-            }
-        }
-        out
+                start..start + segment_bytes
+            })
     }
 }
 

@@ -10,7 +10,7 @@ use ractor::ActorRef;
 
 use crate::context::ask;
 use crate::protocol::{ErrorCode, ProtoError};
-use crate::transfer::{CopyJob, QueuedCopy, TransferMsg};
+use crate::transfer::{CopyJob, QueuedCopy, TransferError, TransferMsg};
 
 /// How far a copy job had got when its request could be answered.
 pub enum Answered<T> {
@@ -19,6 +19,15 @@ pub enum Answered<T> {
     Queued(QueuedCopy),
     /// The copies and their follow-up are done, with the follow-up's result.
     Done(T),
+}
+
+/// The engine's region failing under a copy (its file shrunk) is the engine's doing, not the
+/// node's: `region_unavailable`, else `internal`.
+fn copy_error_code(error: &TransferError) -> ErrorCode {
+    match error {
+        TransferError::Dma(dma) if dma.is_region_fault() => ErrorCode::RegionUnavailable,
+        _ => ErrorCode::Internal,
+    }
 }
 
 /// Runs `copy` on `transfer` and then `after` with its checksums, in a task of its own,
@@ -46,7 +55,7 @@ where
             reply,
         })
         .await?
-        .map_err(|e| ProtoError::new(ErrorCode::Internal, format!("{what} copy failed: {e}")))?;
+        .map_err(|e| ProtoError::new(copy_error_code(&e), format!("{what} copy failed: {e}")))?;
         after(crcs).await
     });
     if let Ok(queued) = enqueued.await {
