@@ -50,6 +50,8 @@ pub enum StartError {
     Ssd(#[from] SsdError),
     #[error(transparent)]
     Otlp(#[from] crate::otlp::OtlpError),
+    #[error(transparent)]
+    Events(#[from] crate::events::publisher::EventsError),
     #[error("cannot join the fabric: {0}")]
     Fabric(#[from] pegaflow_fabric::FabricError),
 }
@@ -223,8 +225,10 @@ async fn start_serving(
             })?,
         );
     let (transfer, dma) = spawn_transfer(config, arena.clone(), metrics.clone()).await?;
-    let ssd = SsdTier::open(&config.ssd, arena.clone(), metrics.clone())?;
-    let pool_state = PoolState::new(arena.len(), config.pool.page_align.0, metrics.clone(), ssd);
+    let events = crate::events::publisher::start(&config.events, metrics.clone()).await?;
+    let ssd = SsdTier::open(&config.ssd, arena.clone(), metrics.clone(), events.clone())?;
+    let pool_state = PoolState::new(arena.len(), config.pool.page_align.0, metrics.clone(), ssd)
+        .with_events(events);
     let (pool, _) = Actor::spawn(None, PoolActor, pool_state)
         .await
         .map_err(|e| StartError::Spawn("pool", e.to_string()))?;
