@@ -3,10 +3,15 @@ socket, vLLM's own `KVEventBatch` decoder, and vLLM's replay socket for missed b
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +19,7 @@ import pytest
 from conftest import REPO_ROOT, NodeProcess, free_port
 from enginekit import CHURN_NAMESPACE, prompt_keys, prompt_pages, write_pages
 
-from pegaflow import Client, HostKvRegion, page_bytes
+from pegaflow import Client, HostKvRegion, chain_keys, page_bytes
 
 if os.environ.get("PEGAFLOW_SKIP_VLLM") == "1":
     pytest.skip("PEGAFLOW_SKIP_VLLM=1: vLLM tests skipped on request", allow_module_level=True)
@@ -38,6 +43,7 @@ except ImportError as exc:
 
 pytestmark = pytest.mark.integration
 
+ROUTER_BIN = Path(os.environ.get("PEGAFLOW_ROUTER_BIN", REPO_ROOT / "target/debug/pegaflow-router"))
 PAGE = page_bytes(CHURN_NAMESPACE)  # 256 KiB
 BLOCKS = 8  # blocks per prompt
 POOL_PAGES = 8  # one prompt fills the pool: the next one evicts it
@@ -56,6 +62,7 @@ class Subscriber:
     def __init__(self, endpoint: str, replay_endpoint: str) -> None:
         self.context = zmq.Context()
         self.endpoint = endpoint
+        self.replay_endpoint = replay_endpoint
         self.decoder = msgspec.msgpack.Decoder(KVEventBatch)
         self.replay = self.context.socket(zmq.DEALER)
         self.replay.connect(replay_endpoint)
@@ -414,3 +421,147 @@ def test_recovered_blocks_are_announced_and_a_corrupt_one_removed(
         assert removed == [[keys[3]]]
     finally:
         sub.close()
+
+
+def choices(router_url: str) -> dict[str, float]:
+    """`pegaflow_router_prefix_choices_total` by outcome."""
+    with urllib.request.urlopen(f"{router_url}/metrics", timeout=5) as response:
+        page = response.read().decode()
+    found = re.findall(r'pegaflow_router_prefix_choices_total\{outcome="(\w+)"\} (\S+)', page)
+    return {outcome: float(value) for outcome, value in found}
+
+
+class FakeEngine:
+    """An OpenAI-style engine that answers a prefill (a request with `kv_transfer_params`) with
+    a PegaKVConnector handoff naming `keys`, anything else with a completion."""
+
+    def __init__(self, handoff: dict[str, Any]) -> None:
+        self.prefills = 0
+
+        engine = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                answer: dict[str, Any] = {"choices": [{"index": 0, "text": "ok"}]}
+                if "kv_transfer_params" in body:
+                    engine.prefills += 1
+                    answer["kv_transfer_params"] = {"pegaflow_handoff": handoff}
+                raw = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_engines() -> Iterator[Callable[[dict[str, Any]], FakeEngine]]:
+    engines: list[FakeEngine] = []
+
+    def start(handoff: dict[str, Any]) -> FakeEngine:
+        engines.append(FakeEngine(handoff))
+        return engines[-1]
+
+    yield start
+    for engine in engines:
+        engine.close()
+
+
+def test_the_router_picks_the_node_holding_the_prefix_from_events_alone(
+    start_node: Callable[..., NodeProcess],
+    fake_engines: Callable[[dict[str, Any]], FakeEngine],
+    short_tmp: Path,
+) -> None:
+    """pegaflow-router subscribed to two real nodes' events, with `--node-http` pointing at
+    nothing (so `/api/holders` cannot answer), sends the prompt to the engine whose node holds
+    it, and follows the blocks when they move to the other node."""
+    if not ROUTER_BIN.is_file():
+        pytest.fail(f"pegaflow-router not found at {ROUTER_BIN}: cargo build -p pegaflow-router")
+    block = CHURN_NAMESPACE.block_size
+    tokens = list(range(1000, 1000 + 2 * block))
+    keys = chain_keys(CHURN_NAMESPACE.digest(), tokens, block)
+    handoff = {
+        "ranks": [{"namespace": CHURN_NAMESPACE.digest().hex(), "block_size": block, "keys": []}]
+    }
+    (node_a, sub_a), (node_b, sub_b) = events_node(start_node), events_node(start_node)
+    events_a, events_b = (f"{sub.endpoint}+{sub.replay_endpoint}" for sub in (sub_a, sub_b))
+    sub_a.close()
+    sub_b.close()
+    prefill_a, prefill_b, decode = (fake_engines(handoff) for _ in range(3))
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [str(ROUTER_BIN), "--listen", url.removeprefix("http://"),
+               "--prefill", f"node-a={prefill_a.url}", "--prefill", f"node-b={prefill_b.url}",
+               "--decode", decode.url, "--node-http", f"http://127.0.0.1:{free_port()}",
+               "--node-events", f"node-a={events_a}",
+               "--node-events", f"node-b={events_b}",
+               "--handoff-timeout-s", "0.05", "--prefix-timeout-s", "1"]  # fmt: skip
+    log_path = short_tmp / "router.log"
+    with log_path.open("ab") as log:
+        router = subprocess.Popen(command, stdout=log, stderr=log)
+
+    def complete() -> str:
+        body = json.dumps({"model": "m", "prompt": tokens, "max_tokens": 4}).encode()
+        request = urllib.request.Request(
+            f"{url}/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+            return response.headers["x-pegaflow-prefill"]
+
+    def save(node: NodeProcess, seed: int, block_keys: list[bytes]) -> None:
+        with node.client() as client, HostKvRegion(CHURN_NAMESPACE, len(block_keys)) as region:
+            write_pages(region, range(len(block_keys)), prompt_pages(PAGE, seed, len(block_keys)))
+            client.save(region.register(client), block_keys, range(len(block_keys)))
+
+    def poke() -> None:
+        """Both nodes publish a batch: a subscriber that joined late learns of its gap."""
+        for node in (node_a, node_b):
+            seed = int(time.monotonic_ns() % 1_000_000)
+            save(node, seed, prompt_keys(CHURN_NAMESPACE, seed, 1))
+
+    def chosen_after_pokes(expected: str) -> None:
+        deadline = time.monotonic() + SYNC_TIMEOUT_S
+        while (chosen := complete()) != expected:
+            assert time.monotonic() < deadline, f"still {chosen}:\n{log_path.read_text()}"
+            poke()
+            time.sleep(0.1)
+
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert router.poll() is None, log_path.read_text()
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+        assert complete() == prefill_a.url, "no handoff seen yet: by load, the first listed"
+        save(node_b, 7, keys)
+        chosen_after_pokes(prefill_b.url)
+        # The blocks move: node A stores them, node B evicts them (its pool fills up).
+        save(node_a, 7, keys)
+        for seed in range(8, 8 + POOL_PAGES // len(keys) + 1):
+            save(node_b, seed, prompt_keys(CHURN_NAMESPACE, seed, len(keys)))
+        assert node_b.stats()["pool"]["pages"] <= POOL_PAGES
+        chosen_after_pokes(prefill_a.url)
+        before = choices(url)
+        assert complete() == prefill_a.url
+        after = choices(url)
+        assert after["prefix"] == before["prefix"] + 1, "chosen for its prefix"
+        assert after["failed"] == before["failed"], "without asking /api/holders"
+    finally:
+        router.terminate()
+        router.wait(10)
