@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, NodeProcess, free_port
+from conftest import NODE_BIN, REPO_ROOT, NodeProcess, free_port
 from enginekit import CHURN_NAMESPACE, prompt_keys, prompt_pages, write_pages
 
 from pegaflow import Client, HostKvRegion, chain_keys, page_bytes
@@ -251,6 +252,42 @@ def test_golden_batch_decodes_with_vllms_decoder() -> None:
     ours = msgspec.msgpack.encode(expected)
     assert ours[0] == 0x93 and golden[0] == 0x94
     assert golden[1:-1] == ours[1:] and golden[-1:] == b"\x07"
+
+
+def test_malformed_replay_requests_are_ignored_and_the_socket_keeps_serving(
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    """The replay socket is open to any local process: junk gets no answer and breaks nothing."""
+    node, sub = events_node(start_node)
+    try:
+        for junk in ([b"", b"\x00" * 9], [b"", b""], [b"only one frame"], [b"", b"a", b"b"]):
+            sub.replay.send_multipart(junk)
+        assert not sub.replay.poll(200), "junk is not answered"
+        sub.replay.send_multipart([b"", (0).to_bytes(8, "big")])
+        assert sub.replay.poll(REPLAY_WAIT_MS)
+        empty, topic, seq, payload = sub.replay.recv_multipart()
+        assert (empty, topic, int.from_bytes(seq, "big")) == (b"", b"", 0)
+        assert msgspec.msgpack.Decoder(KVEventBatch).decode(payload).events == [AllBlocksCleared()]
+        assert sub.replay.poll(REPLAY_WAIT_MS)
+        assert sub.replay.recv_multipart() == [b"", b"", (-1).to_bytes(8, "big", signed=True), b""]
+    finally:
+        sub.close()
+
+
+def test_an_events_endpoint_in_use_fails_start_naming_it(short_tmp: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        env = {**os.environ, "PEGAFLOW_EVENTS__ENABLED": "true",
+               "PEGAFLOW_EVENTS__ENDPOINT": endpoint}  # fmt: skip
+        command = [str(NODE_BIN), "--socket", str(short_tmp / "node.sock"),
+                   "--http-addr", "127.0.0.1:0", "--pool-size", "8MiB",
+                   "--max-page-size", "1MiB", "--dma", "host"]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode != 0
+    assert f"events.endpoint {endpoint}: cannot bind" in done.stderr, done.stderr
+    assert not (short_tmp / "node.sock").exists(), "the socket is released"
 
 
 class Prompts:

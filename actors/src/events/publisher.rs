@@ -288,6 +288,37 @@ mod tests {
     use super::*;
     use crate::events::Medium;
 
+    #[tokio::test]
+    async fn dropped_events_cost_a_sequence_number_that_is_never_sent() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let lost = Arc::new(AtomicU64::new(0));
+        let mut publisher = Publisher {
+            publish: PubSocket::new(),
+            topic: Bytes::new(),
+            epoch: 1,
+            next_seq: 0,
+            seen_lost: 0,
+            lost: lost.clone(),
+            buffer: ReplayBuffer::new(8),
+            batch_max: 8,
+            metrics: metrics.clone(),
+        };
+        let stored = || {
+            vec![KvEvent::Stored {
+                medium: Medium::Memory,
+                keys: vec![[1; 32]; 2],
+            }]
+        };
+        publisher.send_batch(vec![KvEvent::Cleared]).await;
+        publisher.send_batch(stored()).await;
+        lost.fetch_add(5, Ordering::SeqCst);
+        publisher.send_batch(stored()).await;
+        publisher.send_batch(stored()).await;
+        let seqs: Vec<u64> = publisher.buffer.since(0).map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, [0, 1, 3, 4], "2 stands for the lost events");
+        assert_eq!(metrics.events_published_total.get(), 1 + 3 * 2);
+    }
+
     #[test]
     fn merges_only_the_same_change_on_the_same_tier() {
         let stored = |medium, key| KvEvent::Stored {
