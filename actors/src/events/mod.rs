@@ -115,6 +115,47 @@ mod tests {
     }
 
     #[test]
+    fn the_pool_reports_stores_and_evictions_in_order() {
+        use crate::pool::{PoolState, SaveSlot};
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (queue, mut events) = mpsc::channel(16);
+        let sink = EventSink::new(queue, Arc::new(AtomicU64::new(0)), metrics.clone());
+        let mut pool = PoolState::new(2 * 4096, 4096, metrics, None).with_events(sink);
+        let mut save = |keys: &[BlockKey]| {
+            let reservation = pool.reserve_save(keys, 4096);
+            let written = reservation
+                .slots
+                .iter()
+                .filter(|slot| matches!(slot, SaveSlot::Write(_)))
+                .count();
+            pool.commit_save(reservation.lease, &vec![0; written]);
+        };
+        save(&[[1; 32], [2; 32]]);
+        save(&[[3; 32]]);
+        save(&[[3; 32]]);
+        let memory = Medium::Memory;
+        let received: Vec<KvEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+        assert_eq!(
+            received,
+            [
+                KvEvent::Stored {
+                    medium: memory,
+                    keys: vec![[1; 32], [2; 32]]
+                },
+                KvEvent::Removed {
+                    medium: memory,
+                    keys: vec![[1; 32]]
+                },
+                KvEvent::Stored {
+                    medium: memory,
+                    keys: vec![[3; 32]]
+                },
+            ],
+            "a block already held is not stored again"
+        );
+    }
+
+    #[test]
     fn an_off_sink_does_nothing() {
         EventSink::off().stored(Medium::Memory, &[[1; 32]]);
     }
