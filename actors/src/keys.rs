@@ -96,7 +96,7 @@ pub type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
 
 /// Splits a wire `keys` field (`32 * n` bytes) into keys.
 pub fn split_keys(raw: &[u8]) -> Option<Vec<BlockKey>> {
-    if raw.len() % KEY_BYTES != 0 {
+    if !raw.len().is_multiple_of(KEY_BYTES) {
         return None;
     }
     Some(

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod context;
 pub mod dashboard;
+pub mod events;
 pub mod http;
 pub mod http_holders;
 pub mod http_lookup;

@@ -110,6 +110,10 @@ pub struct Metrics {
     pub ssd_checksum_failures_total: IntCounter,
     pub ssd_spills_dropped_total: IntCounter,
     pub ssd_admission_rejected_total: IntCounter,
+    /// KV events (one block stored or removed on one tier; a clear counts 1) sent on the PUB socket.
+    pub events_published_total: IntCounter,
+    /// KV events dropped because the publisher's queue was full.
+    pub events_dropped_total: IntCounter,
     /// Set once OTLP export starts; empty (and free) when `otlp.endpoint` is unset.
     otlp: OnceLock<OtlpHooks>,
 }
@@ -317,6 +321,14 @@ impl Metrics {
             ssd_admission_rejected_total: counter(
                 "ssd_admission_rejected_total",
                 "Evicted pages the admission policy kept off the SSD",
+            )?,
+            events_published_total: counter(
+                "events_published_total",
+                "KV events published (one block stored or removed on one tier; a clear counts 1)",
+            )?,
+            events_dropped_total: counter(
+                "events_dropped_total",
+                "KV events dropped because the publisher's queue was full; subscribers see a sequence gap",
             )?,
             otlp: OnceLock::new(),
             registry,

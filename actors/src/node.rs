@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
 use crate::context::NodeContext;
+use crate::events::EventSink;
 use crate::metrics::Metrics;
 use crate::peers::{FabricMetrics, Peers};
 use crate::pool::{Extent, OwnerId, PoolActor, PoolState};
@@ -47,6 +48,8 @@ pub enum StartError {
     Ssd(#[from] SsdError),
     #[error(transparent)]
     Otlp(#[from] crate::otlp::OtlpError),
+    #[error(transparent)]
+    Events(#[from] crate::events::publisher::EventsError),
     #[error("cannot join the fabric: {0}")]
     Fabric(#[from] pegaflow_fabric::FabricError),
 }
@@ -227,7 +230,8 @@ async fn start_serving(
     pools::place(&arena, &plan);
     let transfers = Transfers::start(config, &topology, arena.clone(), metrics.clone()).await?;
     let dma = transfers.dma();
-    let pools = spawn_pools(config, &plan, &arena, &metrics).await?;
+    let events = crate::events::publisher::start(&config.events, metrics.clone()).await?;
+    let pools = spawn_pools(config, &plan, &arena, &metrics, &events).await?;
     let peers = match config.fabric.enabled {
         true => {
             let fabric_metrics = FabricMetrics::new(metrics.registry())?;
@@ -275,15 +279,17 @@ async fn spawn_pools(
     plan: &[(u32, Extent)],
     arena: &Arc<Arena>,
     metrics: &Arc<Metrics>,
+    events: &EventSink,
 ) -> Result<Pools, StartError> {
     let mut pools = Vec::with_capacity(plan.len());
     for (i, &(numa_node, span)) in plan.iter().enumerate() {
         let ssd = match i {
-            0 => SsdTier::open(&config.ssd, arena.clone(), metrics.clone())?,
+            0 => SsdTier::open(&config.ssd, arena.clone(), metrics.clone(), events.clone())?,
             _ => None,
         };
         let align = config.pool.page_align.0;
-        let state = PoolState::over(span, numa_node, align, metrics.clone(), ssd);
+        let state = PoolState::over(span, numa_node, align, metrics.clone(), ssd)
+            .with_events(events.clone());
         let (actor, _) = Actor::spawn(None, PoolActor, state)
             .await
             .map_err(|e| StartError::Spawn("pool", e.to_string()))?;

@@ -28,6 +28,8 @@ const SIZE: &str = "a size with a unit such as \"64GiB\" (\"4096B\" for bytes)";
 const ADDR: &str = "a socket address such as \"127.0.0.1:9095\"";
 const MILLIS: &str = "a whole number of milliseconds";
 const TEXT: &str = "a string";
+const COUNT: &str = "a whole number";
+const ZMQ_TCP: &str = "a ZMQ endpoint such as \"tcp://127.0.0.1:5557\"";
 
 const fn key(
     name: &'static str,
@@ -91,6 +93,13 @@ pub(crate) const KEYS: &[Key] = {
             "a URL such as \"http://127.0.0.1:4317\"",
         ),
         key("otlp.interval_ms", None, Value, MILLIS),
+        key("events.enabled", None, Value, "true or false"),
+        key("events.endpoint", None, Text, ZMQ_TCP),
+        key("events.replay_endpoint", None, Text, ZMQ_TCP),
+        key("events.topic", None, Text, TEXT),
+        key("events.replay_buffer", None, Value, COUNT),
+        key("events.batch_max", None, Value, COUNT),
+        key("events.flush_ms", None, Value, MILLIS),
         key(
             "log.level",
             Some("--log-level"),

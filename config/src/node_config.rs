@@ -27,6 +27,8 @@ pub struct NodeConfig {
     pub fabric: FabricConfig,
     /// Optional OTLP export of metrics and traces.
     pub otlp: OtlpConfig,
+    /// Optional KV events (vLLM's format) telling routers what every tier holds.
+    pub events: EventsConfig,
     /// Log filtering.
     pub log: LogConfig,
     /// The host's NUMA nodes and GPUs, when not (only) what the hardware reports.
@@ -212,6 +214,41 @@ impl Default for OtlpConfig {
         OtlpConfig {
             endpoint: None,
             interval_ms: 10_000,
+        }
+    }
+}
+
+/// KV events: block stored/removed on every tier, published in vLLM's `KVEventBatch` format
+/// over ZMQ, so KV-aware routers see what the node holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Off by default: publishing costs a little per stored and evicted block.
+    pub enabled: bool,
+    /// ZMQ PUB endpoint the node binds, `tcp://HOST:PORT`.
+    pub endpoint: String,
+    /// ZMQ ROUTER endpoint the node binds for replays of missed batches; `None` turns replay off.
+    pub replay_endpoint: Option<String>,
+    /// The first frame of every message; subscribers filter on its prefix.
+    pub topic: String,
+    /// Batches kept for replay.
+    pub replay_buffer: u64,
+    /// Most events in one batch.
+    pub batch_max: u64,
+    /// Longest an event waits for its batch to fill before the batch is sent anyway.
+    pub flush_ms: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            enabled: false,
+            endpoint: "tcp://127.0.0.1:5557".to_owned(),
+            replay_endpoint: None,
+            topic: String::new(),
+            replay_buffer: 10_000,
+            batch_max: 1024,
+            flush_ms: 10,
         }
     }
 }

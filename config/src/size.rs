@@ -67,7 +67,7 @@ impl fmt::Display for Size {
         // The unit giving the smallest whole number wins; "B" always divides, so one is found.
         let (unit, factor) = UNITS
             .iter()
-            .filter(|(_, factor)| self.0 % factor == 0)
+            .filter(|(_, factor)| self.0.is_multiple_of(*factor))
             .min_by_key(|(_, factor)| self.0 / factor)
             .copied()
             .unwrap_or(("B", 1));

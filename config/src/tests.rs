@@ -419,6 +419,31 @@ fn bad_values_name_key_value_origin_and_expectation() {
             r#"config key otlp.endpoint = "collector:4317" (flag --otlp-endpoint): expected an http:// or https:// URL"#.into(),
         ),
         (
+            none.clone(),
+            &[("PEGAFLOW_EVENTS__ENDPOINT", "ipc:///tmp/events")],
+            r#"config key events.endpoint = "ipc:///tmp/events" (env PEGAFLOW_EVENTS__ENDPOINT): expected a ZMQ TCP endpoint tcp://HOST:PORT such as "tcp://127.0.0.1:5557""#.into(),
+        ),
+        (
+            none.clone(),
+            &[("PEGAFLOW_EVENTS__REPLAY_ENDPOINT", "tcp://127.0.0.1:5557")],
+            r#"config key events.replay_endpoint = "tcp://127.0.0.1:5557" (env PEGAFLOW_EVENTS__REPLAY_ENDPOINT): expected an endpoint other than events.endpoint"#.into(),
+        ),
+        (
+            none.clone(),
+            &[("PEGAFLOW_EVENTS__REPLAY_ENDPOINT", "tcp://127.0.0.1:port")],
+            r#"config key events.replay_endpoint = "tcp://127.0.0.1:port" (env PEGAFLOW_EVENTS__REPLAY_ENDPOINT): expected a ZMQ TCP endpoint tcp://HOST:PORT such as "tcp://127.0.0.1:5557""#.into(),
+        ),
+        (
+            none.clone(),
+            &[("PEGAFLOW_EVENTS__BATCH_MAX", "0")],
+            "config key events.batch_max = 0 (env PEGAFLOW_EVENTS__BATCH_MAX): expected a whole number greater than 0".into(),
+        ),
+        (
+            none.clone(),
+            &[("PEGAFLOW_EVENTS__REPLAY_BUFFER", "-1")],
+            "config key events.replay_buffer = -1 (env PEGAFLOW_EVENTS__REPLAY_BUFFER): expected a whole number".into(),
+        ),
+        (
             cli(&["--log-level", "verbose"]),
             &[],
             r#"config key log.level = "verbose" (flag --log-level): expected one of trace, debug, info, warn, error or a filter directive containing '=' such as "pegaflow=debug,info""#.into(),

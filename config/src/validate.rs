@@ -104,6 +104,7 @@ pub(crate) fn validate(config: &NodeConfig, sources: &Sources) -> Result<(), Con
         ("fabric.failure_timeout_ms", fabric.failure_timeout_ms),
         ("fabric.fetch_timeout_ms", fabric.fetch_timeout_ms),
         ("otlp.interval_ms", config.otlp.interval_ms),
+        ("events.flush_ms", config.events.flush_ms),
     ] {
         check(
             millis > 0,
@@ -153,6 +154,30 @@ pub(crate) fn validate(config: &NodeConfig, sources: &Sources) -> Result<(), Con
         )?;
     }
 
+    let events = &config.events;
+    for (key, endpoint) in [
+        ("events.endpoint", Some(&events.endpoint)),
+        ("events.replay_endpoint", events.replay_endpoint.as_ref()),
+    ] {
+        check(
+            endpoint.is_none_or(|e| is_tcp_endpoint(e)),
+            key,
+            "a ZMQ TCP endpoint tcp://HOST:PORT such as \"tcp://127.0.0.1:5557\"".to_owned(),
+        )?;
+    }
+    check(
+        events.replay_endpoint.is_none()
+            || events.replay_endpoint.as_ref() != Some(&events.endpoint),
+        "events.replay_endpoint",
+        "an endpoint other than events.endpoint".to_owned(),
+    )?;
+    for (key, count) in [
+        ("events.replay_buffer", events.replay_buffer),
+        ("events.batch_max", events.batch_max),
+    ] {
+        check(count > 0, key, "a whole number greater than 0".to_owned())?;
+    }
+
     let level = config.log.level.as_str();
     check(
         LOG_LEVELS.contains(&level) || level.contains('='),
@@ -177,4 +202,13 @@ fn blame_one_of(
         _ => dependent,
     };
     sources.invalid(key, expected)
+}
+
+/// Whether `endpoint` is `tcp://HOST:PORT` with a non-empty host and a port number, the only
+/// transport the node's ZMQ sockets are built with.
+fn is_tcp_endpoint(endpoint: &str) -> bool {
+    endpoint
+        .strip_prefix("tcp://")
+        .and_then(|rest| rest.rsplit_once(':'))
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }

@@ -52,8 +52,10 @@ class NodeProcess:
         max_page_size: int | None,
         ssd: dict[str, str] | None = None,
         dma: str = "host",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.dma = dma
+        self.env = env or {}  # extra PEGAFLOW_* settings, e.g. {"PEGAFLOW_EVENTS__ENABLED": "true"}
         self.socket = workdir / "node.sock"
         self.log_path = workdir / "node.log"
         self.http_port = free_port()
@@ -73,7 +75,9 @@ class NodeProcess:
         for name, value in self.ssd.items():
             command += [f"--ssd-{name}", str(value)]
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=log, env={**os.environ, **self.env}
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.process.poll() is not None:
@@ -195,10 +199,11 @@ def start_node(
         max_page_size: int | None = None,
         ssd: dict[str, str] | None = None,
         dma: str = "host",
+        env: dict[str, str] | None = None,
     ) -> NodeProcess:
         workdir = short_tmp / f"n{len(nodes)}"
         workdir.mkdir()
-        nodes.append(NodeProcess(workdir, pool_size, max_page_size, ssd, dma))
+        nodes.append(NodeProcess(workdir, pool_size, max_page_size, ssd, dma, env))
         nodes[-1].start()
         return nodes[-1]
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 use axum::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use clap::Parser;
 
+use crate::node_events::NodeEndpoints;
+
 /// `pegaflow-router`: prefill on one engine, decode on another, the KV handed over by the node.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "pegaflow-router", version, about, long_about = None)]
@@ -34,6 +36,14 @@ pub struct Args {
     /// router asks it whether a prefill's blocks are stored before decoding.
     #[arg(long = "node-http", env = "PEGAFLOW_ROUTER_NODE_HTTP", value_parser = BaseUrl::parse)]
     pub node_http: BaseUrl,
+
+    /// A pegaflow-node's KV events, as `NODE=tcp://HOST:PORT[+tcp://HOST:PORT]`: its
+    /// `events.endpoint` and, after `+`, its `events.replay_endpoint`. The prefix-aware choice
+    /// then knows what NODE holds from its events, without asking `--node-http`. Repeat (or
+    /// separate with commas) for more nodes.
+    #[arg(long = "node-events", env = "PEGAFLOW_ROUTER_NODE_EVENTS", value_delimiter = ',',
+          value_parser = NodeEndpoints::parse)]
+    pub node_events: Vec<NodeEndpoints>,
 
     /// Overall deadline of one client request, streaming included.
     #[arg(long, env = "PEGAFLOW_ROUTER_REQUEST_TIMEOUT_S", default_value = "600",

@@ -15,6 +15,7 @@ pub mod error;
 pub mod handoff;
 pub mod http;
 pub mod metrics;
+pub mod node_events;
 pub mod pd;
 pub mod prefix;
 pub mod stream;

@@ -10,6 +10,11 @@
 //! fabric peers by their gossiped digests), and maps each prefill engine to its node
 //! (`--prefill NODE=URL`). Both calls share one short budget (`--prefix-timeout-s`); any
 //! failure falls back to the load-only choice and is counted, never failing the request.
+//!
+//! A node subscribed to with `--node-events` answers from its KV events instead
+//! ([`crate::node_events`]): the router chains the prompt's keys itself and counts the leading
+//! ones the node's events say it holds; `/api/holders` is asked only for named nodes without a
+//! synced event view.
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -19,12 +24,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::backend::{Backends, Load};
 use crate::config::{Args, BaseUrl};
 use crate::handoff::Handoff;
 use crate::metrics::Metrics;
+use crate::node_events::{Key, NodeViews};
 use crate::pd::Endpoint;
 use crate::upstream::Upstream;
 
@@ -88,6 +95,32 @@ struct KeySpace {
     block_size: u32,
 }
 
+impl KeySpace {
+    /// The node keys of every full block of `tokens` (docs/protocol.md "Keys"):
+    /// `key_i = sha256(namespace || key_{i-1} || tokens_i as u32 LE)`, `key_{-1}` all zeros.
+    /// None when the namespace is not 32 bytes of hex.
+    fn chain_keys(&self, tokens: &[u32]) -> Option<Vec<Key>> {
+        let namespace = <[u8; 32]>::try_from(hex::decode(&self.namespace).ok()?).ok()?;
+        let mut parent = [0u8; 32];
+        let block_size = usize::try_from(self.block_size).ok()?.max(1);
+        Some(
+            tokens
+                .chunks_exact(block_size)
+                .map(|block| {
+                    let mut hash = Sha256::new();
+                    hash.update(namespace);
+                    hash.update(parent);
+                    for token in block {
+                        hash.update(token.to_le_bytes());
+                    }
+                    parent = hash.finalize().into();
+                    parent
+                })
+                .collect(),
+        )
+    }
+}
+
 /// Why no prefix-aware choice was made.
 enum NoChoice {
     Unknown,
@@ -128,6 +161,7 @@ pub struct PrefixChoice {
     budget: Duration,
     load_gap: usize,
     space: Mutex<Option<KeySpace>>,
+    views: NodeViews,
 }
 
 impl PrefixChoice {
@@ -140,6 +174,7 @@ impl PrefixChoice {
             budget: args.prefix_timeout_s.min(args.prefill_timeout_s),
             load_gap: args.prefix_load_gap,
             space: Mutex::new(None),
+            views: NodeViews::subscribe(&args.node_events),
         })
     }
 
@@ -206,10 +241,32 @@ impl PrefixChoice {
             Prompt::Tokens(tokens) => tokens,
             Prompt::Tokenize(body) => tokenize(upstream, prefill, body, deadline).await?,
         };
-        let held = self.holders(upstream, &space, &tokens, deadline).await?;
-        let hits: Vec<u32> = prefill
-            .nodes()
-            .map(|node| node.and_then(|node| held.get(node)).copied().unwrap_or(0))
+        let keys = space.chain_keys(&tokens).ok_or_else(|| {
+            NoChoice::Failed(format!(
+                "namespace {} is not 32 bytes of hex",
+                space.namespace
+            ))
+        })?;
+        let nodes: Vec<Option<&str>> = prefill.nodes().collect();
+        let from_events: Vec<Option<u32>> = nodes
+            .iter()
+            .map(|node| node.and_then(|node| self.views.leading_held(node, &keys)))
+            .collect();
+        let unsynced = nodes
+            .iter()
+            .zip(&from_events)
+            .any(|(node, hits)| node.is_some() && hits.is_none());
+        let held = match unsynced {
+            true => self.holders(upstream, &space, &tokens, deadline).await?,
+            false => HashMap::new(),
+        };
+        let hits: Vec<u32> = nodes
+            .iter()
+            .zip(from_events)
+            .map(|(node, hits)| {
+                hits.or_else(|| node.and_then(|node| held.get(node)).copied())
+                    .unwrap_or(0)
+            })
             .collect();
         let (index, outcome) =
             decide(&prefill.loads(), &hits, self.load_gap).ok_or(NoChoice::Unknown)?;
@@ -381,6 +438,34 @@ mod tests {
             decide(&cooling, &[5, 1], 4),
             Some((0, PrefixOutcome::Prefix))
         );
+    }
+
+    #[test]
+    fn keys_chain_as_the_connector_and_the_node_chain_them() {
+        let raw = include_str!("../../connector/tests/golden/keys.json");
+        let vectors: Vec<Value> = serde_json::from_str(raw).expect("keys.json parses");
+        assert!(!vectors.is_empty());
+        for vector in vectors {
+            let space = KeySpace {
+                namespace: vector["namespace"].as_str().expect("namespace").to_owned(),
+                block_size: vector["namespace_fields"]["block_size"]
+                    .as_u64()
+                    .expect("block size") as u32,
+            };
+            let tokens = Vec::<u32>::deserialize(&vector["tokens"]).expect("tokens");
+            let keys: Vec<String> = space
+                .chain_keys(&tokens)
+                .expect("a hex namespace")
+                .iter()
+                .map(hex::encode)
+                .collect();
+            assert_eq!(json!(keys), vector["keys"]);
+        }
+        let bad = KeySpace {
+            namespace: "abc".into(),
+            block_size: 16,
+        };
+        assert_eq!(bad.chain_keys(&[1; 16]), None);
     }
 
     fn fields(body: Value) -> Map<String, Value> {

@@ -300,3 +300,74 @@ async fn without_a_block_size_in_the_handoff_the_choice_stays_by_load() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn nodes_subscribed_by_events_are_chosen_from_their_events_alone() {
+    within(async {
+        let node = FakeNode::start(1).await;
+        // The node's HTTP answer would fail the choice: only the events can decide it.
+        node.answer_holders(NodeReply::Json(500, json!({"error": "not to be asked"})));
+        let first = engine(&node, keys("a", 2), None).await;
+        let second = engine(&node, keys("b", 2), None).await;
+        let decode = decode_engine(&node, Vec::new(), "ok").await;
+        let (first_node, second_node) =
+            (FakePublisher::start().await, FakePublisher::start().await);
+        let prefill = [
+            format!("n-first={}", first.url),
+            format!("n-second={}", second.url),
+        ];
+        let prefill: Vec<&str> = prefill.iter().map(String::as_str).collect();
+        let events = [
+            format!("n-first={}", first_node.endpoints),
+            format!("n-second={}", second_node.endpoints),
+        ];
+        let flags = ["--node-events", &events[0], "--node-events", &events[1]];
+        let router = router(&prefill, &[&decode.url], &node.url, &flags).await;
+        // A first request teaches the router the namespace and block size (by load).
+        let prompt: Vec<u32> = (0..3 * BLOCK_SIZE).collect();
+        let ids = json!({"model": "m", "prompt": prompt, "max_tokens": 8});
+        assert_eq!(
+            send(&router, COMPLETIONS, ids.clone()).await.status,
+            StatusCode::OK
+        );
+
+        // The second node holds two blocks of the prompt, one in memory and one on SSD.
+        let blocks = chain_keys(&prompt);
+        second_node.publish(vec![event("BlockStored", "CPU", &blocks[..2])]);
+        second_node.publish(vec![
+            event("BlockRemoved", "CPU", &blocks[1..2]),
+            event("BlockStored", "STORAGE", &blocks[1..2]),
+        ]);
+        // Until the router's subscriptions have caught up (replay included) it asks the node,
+        // fails and goes by load; then the events decide alone.
+        loop {
+            let answer = send(&router, COMPLETIONS, ids.clone()).await;
+            if answer.header("x-pegaflow-prefill") == second.url {
+                break;
+            }
+        }
+        let asked = node.holders_asked().len();
+        let before = choices(&metrics(&router).await);
+        let answer = send(&router, COMPLETIONS, ids.clone()).await;
+        assert_eq!(answer.header("x-pegaflow-prefill"), second.url);
+        assert_eq!(
+            node.holders_asked().len(),
+            asked,
+            "decided from events alone"
+        );
+        assert_eq!(choices(&metrics(&router).await)[0], before[0] + 1.0);
+
+        // The blocks move: evicted from the second node, stored on the first.
+        second_node.publish(vec![event("BlockRemoved", "CPU", &blocks[..1])]);
+        second_node.publish(vec![event("BlockRemoved", "STORAGE", &blocks[1..2])]);
+        first_node.publish(vec![event("BlockStored", "CPU", &blocks)]);
+        loop {
+            let answer = send(&router, COMPLETIONS, ids.clone()).await;
+            if answer.header("x-pegaflow-prefill") == first.url {
+                break;
+            }
+        }
+        assert_eq!(node.holders_asked().len(), asked, "still from events alone");
+    })
+    .await;
+}

@@ -405,7 +405,7 @@ impl Scenario {
             );
         }
         let page = self.engine.page_bytes();
-        if page == 0 || page % 4096 != 0 {
+        if page == 0 || !page.is_multiple_of(4096) {
             return invalid(
                 "engine",
                 format!("one page is {page} bytes; choose a shape whose page is a multiple of 4 KiB, so the pool holds exactly pool / page pages"),

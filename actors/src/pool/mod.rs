@@ -25,6 +25,7 @@ pub use allocator::{Extent, ExtentAllocator};
 pub use index::{PageEntry, PageIndex};
 pub use residency::ResidencyFeed;
 
+use crate::events::{EventSink, Medium};
 use crate::keys::BlockKey;
 use crate::metrics::Metrics;
 use crate::ssd::reader::Promotion;
@@ -211,6 +212,7 @@ pub struct PoolState {
     numa_node: u32,
     /// What [`PoolState::publish`] last added to the host-wide gauges.
     published: PoolStats,
+    events: EventSink,
 }
 
 impl PoolState {
@@ -246,9 +248,16 @@ impl PoolState {
             feed: None,
             numa_node,
             published: PoolStats::default(),
+            events: EventSink::off(),
         };
         state.publish();
         state
+    }
+
+    /// Reports every page entering or leaving memory to `events` (KV events).
+    pub fn with_events(mut self, events: EventSink) -> Self {
+        self.events = events;
+        self
     }
 
     fn new_lease(&mut self, lease: Lease) -> LeaseId {
@@ -521,7 +530,10 @@ impl PoolState {
         self.feed = Some(feed);
     }
 
+    /// Tells the residency feed and KV events which keys entered and left memory.
     fn tell_feed(&self, added: &[BlockKey], removed: &[BlockKey]) {
+        self.events.stored(Medium::Memory, added);
+        self.events.removed(Medium::Memory, removed);
         if let Some(feed) = &self.feed {
             if !added.is_empty() || !removed.is_empty() {
                 feed.changed(added, removed);

@@ -90,16 +90,23 @@ impl Catalog {
         self.keys.remove(key);
     }
 
-    /// Forgets segment `id` and every block whose newest record is in it.
-    pub fn drop_segment(&mut self, id: SegmentId) {
-        if let Some(segment) = self.segments.remove(&id) {
-            self.used_bytes -= segment.bytes;
-            for key in segment.keys {
-                if self.keys.get(&key).is_some_and(|loc| loc.segment == id) {
-                    self.keys.remove(&key);
-                }
-            }
-        }
+    /// Forgets segment `id` and every block whose newest record is in it; returns those blocks.
+    pub fn drop_segment(&mut self, id: SegmentId) -> Vec<BlockKey> {
+        let Some(segment) = self.segments.remove(&id) else {
+            return Vec::new();
+        };
+        self.used_bytes -= segment.bytes;
+        let mut dropped = segment.keys;
+        dropped.retain(|key| {
+            self.keys.get(key).is_some_and(|loc| loc.segment == id)
+                && self.keys.remove(key).is_some()
+        });
+        dropped
+    }
+
+    /// Every block held.
+    pub fn keys(&self) -> Vec<BlockKey> {
+        self.keys.keys().copied().collect()
     }
 
     /// The sealed segments to drop, oldest first, so that `incoming` more bytes fit under
@@ -166,7 +173,7 @@ mod tests {
             vec![1, 2, 3],
             "never the open segment"
         );
-        catalog.drop_segment(1);
+        assert_eq!(catalog.drop_segment(1), vec![[1; 32]]);
         assert!(!catalog.contains(&[1; 32]));
         assert!(catalog.contains(&[2; 32]));
         assert_eq!((catalog.used_bytes(), catalog.pages()), (250, 2));
@@ -180,7 +187,11 @@ mod tests {
         catalog.seal(1, 20480);
         catalog.add_segment(2, 0, false);
         catalog.add_records(2, &[entry(7, 0)], 8192);
-        catalog.drop_segment(1);
+        assert_eq!(
+            catalog.drop_segment(1),
+            vec![[8; 32]],
+            "7 lives on in segment 2"
+        );
         assert_eq!(catalog.get(&[7; 32]).map(|l| l.segment), Some(2));
         assert!(!catalog.contains(&[8; 32]));
         catalog.remove_key(&[7; 32]);

@@ -33,6 +33,7 @@ use pegaflow_config::SsdConfig;
 use pegaflow_gpu_dma::Arena;
 use ractor::RpcReplyPort;
 
+use crate::events::{EventSink, Medium};
 use crate::keys::BlockKey;
 use crate::metrics::Metrics;
 use crate::pool::PageEntry;
@@ -72,6 +73,8 @@ pub struct Shared {
     /// Set after a write error (disk full, I/O error): spills stop, reads go on.
     pub failed: AtomicBool,
     pub metrics: Arc<Metrics>,
+    /// Told every block entering or leaving the tier (KV events, medium `STORAGE`).
+    pub events: EventSink,
 }
 
 impl Shared {
@@ -106,11 +109,13 @@ pub struct SsdTier {
 
 impl SsdTier {
     /// Opens the tier configured by `config` (`None` when `ssd.dir` is unset): checks the
-    /// directory is writable, rebuilds the catalog from what is on disk, starts the writer.
+    /// directory is writable, rebuilds the catalog from what is on disk (announcing every
+    /// recovered block to `events`), starts the writer.
     pub fn open(
         config: &SsdConfig,
         arena: Arc<Arena>,
         metrics: Arc<Metrics>,
+        events: EventSink,
     ) -> Result<Option<SsdTier>, SsdError> {
         let Some(dir) = config.dir.clone() else {
             return Ok(None);
@@ -140,6 +145,7 @@ impl SsdTier {
             recovery_ms = started.elapsed().as_millis() as u64,
             "SSD tier ready"
         );
+        events.stored(Medium::Ssd, &recovered.catalog.keys());
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             direct,
@@ -147,6 +153,7 @@ impl SsdTier {
             staged_bytes: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             metrics,
+            events,
         });
         shared.metrics.ssd_capacity_bytes.set(config.size.0 as i64);
         shared.metrics.ssd_healthy.set(1);

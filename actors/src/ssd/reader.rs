@@ -14,6 +14,7 @@ use pegaflow_gpu_dma::Arena;
 use super::catalog::Location;
 use super::segment::{self, SegmentId};
 use super::Shared;
+use crate::events::Medium;
 use crate::keys::BlockKey;
 
 /// Threads one load's promotions are spread over.
@@ -89,6 +90,7 @@ fn promote_one(shared: &Shared, arena: &Arena, file: &File, promotion: &Promotio
         Ok(Err(error)) => {
             metrics.ssd_checksum_failures_total.inc();
             shared.catalog().remove_key(&promotion.key);
+            shared.events.removed(Medium::Ssd, &[promotion.key]);
             shared.publish();
             tracing::error!(
                 segment = %path.display(),

@@ -111,7 +111,7 @@ pub fn seal(file: &File, entries: &[RecordEntry], at: u64) -> io::Result<u64> {
 
 /// The records of a segment as its footer lists them; `None` when it has no valid footer.
 pub fn read_footer(file: &File, file_len: u64) -> io::Result<Option<Vec<RecordEntry>>> {
-    if file_len < TRAILER_BYTES || file_len % ALIGN != 0 {
+    if file_len < TRAILER_BYTES || !file_len.is_multiple_of(ALIGN) {
         return Ok(None);
     }
     let tail = read_aligned(file, file_len - ALIGN, ALIGN)?;

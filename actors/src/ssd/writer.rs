@@ -20,6 +20,7 @@ use super::format::{footer_bytes, AlignedBuf, RecordEntry, ALIGN};
 use super::manifest::{Manifest, SealedSegment};
 use super::segment::{self, SegmentId};
 use super::Shared;
+use crate::events::Medium;
 use crate::keys::BlockKey;
 
 /// Most bytes one batch writes before syncing.
@@ -207,7 +208,8 @@ impl Writer {
     }
 
     fn drop_segment(&mut self, id: SegmentId) -> io::Result<()> {
-        self.shared.catalog().drop_segment(id);
+        let dropped = self.shared.catalog().drop_segment(id);
+        self.shared.events.removed(Medium::Ssd, &dropped);
         self.manifest.sealed.remove(&id);
         self.manifest.store(&self.shared.dir)?;
         let path = segment::segment_path(&self.shared.dir, id);
@@ -253,6 +255,8 @@ impl Writer {
         self.shared
             .catalog()
             .add_records(open.id, &entries, open.len);
+        let keys: Vec<BlockKey> = entries.iter().map(|entry| entry.key).collect();
+        self.shared.events.stored(Medium::Ssd, &keys);
         open.entries.extend(entries);
         let metrics = &self.shared.metrics;
         metrics.ssd_writes_total.inc_by(run.len() as u64);

@@ -169,7 +169,7 @@ impl Kernel {
         if let Some(why) = nvrtc_missing() {
             return Err(DmaError::CudaUnavailable(why));
         }
-        if config.threads == 0 || config.threads > 1024 || config.threads % 32 != 0 {
+        if config.threads == 0 || config.threads > 1024 || !config.threads.is_multiple_of(32) {
             return Err(DmaError::CudaUnavailable(format!(
                 "kernel threads {} must be a multiple of 32 in 32..=1024",
                 config.threads

@@ -407,3 +407,115 @@ pub fn value(page: &str, series: &str) -> f64 {
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("no series {series} in\n{page}"))
 }
+
+/// A fake pegaflow-node KV event publisher (docs/events.md): a PUB socket sending vLLM's
+/// `KVEventBatch` messages, batch 0 `AllBlocksCleared`, then the batches [`publish`] gives and
+/// an empty batch every 20 ms (so a late subscriber soon sees a gap), and a ROUTER socket
+/// answering replays.
+///
+/// [`publish`]: FakePublisher::publish
+pub struct FakePublisher {
+    /// `PUB+REPLAY`, as `--node-events NODE=` takes it.
+    pub endpoints: String,
+    batches: tokio::sync::mpsc::UnboundedSender<Vec<rmpv::Value>>,
+}
+
+impl FakePublisher {
+    pub async fn start() -> Self {
+        use zeromq::{Socket, SocketRecv, SocketSend};
+        let mut publish = zeromq::PubSocket::new();
+        let publish_at = publish.bind("tcp://127.0.0.1:0").await.expect("bind PUB");
+        let mut replay = zeromq::RouterSocket::new();
+        let replay_at = replay.bind("tcp://127.0.0.1:0").await.expect("bind ROUTER");
+        let (batches, mut events) = tokio::sync::mpsc::unbounded_channel::<Vec<rmpv::Value>>();
+        tokio::spawn(async move {
+            let mut sent: Vec<Bytes> = Vec::new();
+            let mut next = Some(vec![event("AllBlocksCleared", "", &[])]);
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                if let Some(events) = next.take() {
+                    let seq = (sent.len() as u64).to_be_bytes();
+                    let payload = batch(events);
+                    let frames = vec![Bytes::new(), Bytes::copy_from_slice(&seq), payload.clone()];
+                    let _ = publish.send(frames.try_into().expect("frames")).await;
+                    sent.push(payload);
+                }
+                tokio::select! {
+                    more = events.recv() => match more {
+                        Some(more) => next = Some(more),
+                        None => return,
+                    },
+                    _ = tick.tick() => next = Some(Vec::new()),
+                    request = replay.recv() => {
+                        let frames = request.expect("replay request").into_vec();
+                        let start = u64::from_be_bytes(frames[2].as_ref().try_into().expect("8 bytes"));
+                        for (seq, payload) in sent.iter().enumerate().skip(start as usize) {
+                            let answer = vec![frames[0].clone(), Bytes::new(), Bytes::new(),
+                                Bytes::copy_from_slice(&(seq as u64).to_be_bytes()), payload.clone()];
+                            replay.send(answer.try_into().expect("frames")).await.expect("replay");
+                        }
+                        let end = vec![frames[0].clone(), Bytes::new(), Bytes::new(),
+                                       Bytes::copy_from_slice(&(-1i64).to_be_bytes()), Bytes::new()];
+                        replay.send(end.try_into().expect("frames")).await.expect("replay end");
+                    }
+                }
+            }
+        });
+        Self {
+            endpoints: format!("{publish_at}+{replay_at}"),
+            batches,
+        }
+    }
+
+    /// Publishes one batch of `events` (from [`event`]).
+    pub fn publish(&self, events: Vec<rmpv::Value>) {
+        self.batches.send(events).expect("publisher running");
+    }
+}
+
+/// vLLM's event map: `type`, `block_hashes`, `medium` (the fields the router reads).
+pub fn event(kind: &str, medium: &str, keys: &[[u8; 32]]) -> rmpv::Value {
+    let hashes = keys
+        .iter()
+        .map(|key| rmpv::Value::Binary(key.to_vec()))
+        .collect();
+    rmpv::Value::Map(vec![
+        ("type".into(), kind.into()),
+        ("block_hashes".into(), rmpv::Value::Array(hashes)),
+        ("medium".into(), medium.into()),
+    ])
+}
+
+/// `[ts, events, data_parallel_rank, epoch]`.
+fn batch(events: Vec<rmpv::Value>) -> Bytes {
+    let value = rmpv::Value::Array(vec![
+        rmpv::Value::F64(0.0),
+        rmpv::Value::Array(events),
+        0u64.into(),
+        1u64.into(),
+    ]);
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &value).expect("encode");
+    Bytes::from(out)
+}
+
+/// The node keys of `tokens`' full blocks under [`NAMESPACE`] and [`BLOCK_SIZE`]
+/// (docs/protocol.md "Keys").
+pub fn chain_keys(tokens: &[u32]) -> Vec<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let namespace = hex::decode(NAMESPACE).expect("hex");
+    let mut parent = [0u8; 32];
+    tokens
+        .chunks_exact(BLOCK_SIZE as usize)
+        .map(|block| {
+            let mut hash = Sha256::new();
+            hash.update(&namespace);
+            hash.update(parent);
+            for token in block {
+                hash.update(token.to_le_bytes());
+            }
+            parent = hash.finalize().into();
+            parent
+        })
+        .collect()
+}
