@@ -50,6 +50,7 @@ impl Client {
         let _: HelloReply = client
             .call(Request::Hello(HelloRequest {
                 client: concat!("pegaflow-rs/", env!("CARGO_PKG_VERSION")).into(),
+                version: Some(env!("CARGO_PKG_VERSION").into()),
             }))
             .await?;
         Ok(client)

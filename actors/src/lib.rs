@@ -21,6 +21,7 @@ pub mod pool;
 pub mod pools;
 pub mod protocol;
 pub mod session;
+pub mod socket_file;
 pub mod ssd;
 pub mod stats;
 pub mod topology;

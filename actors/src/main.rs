@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pegaflow_config::ConfigArgs;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// PegaFlow KV-cache node: one per host, shared by every inference engine on it.
 #[derive(Parser, Debug)]
@@ -47,11 +47,18 @@ fn main() -> ExitCode {
         print!("{}", topology.render());
         return ExitCode::SUCCESS;
     }
+    if let Err(error) = pegaflow_config::check_pool_fits_memory(&loaded) {
+        eprintln!("pegaflow-node: {error}");
+        return ExitCode::from(2);
+    }
     let config = loaded.config;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log.level))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr must not stop the node: tracing-subscriber would report the failed
+        // write with `eprintln!`, which panics and skips the shutdown that removes the socket.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -61,17 +68,23 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Listening before the socket exists makes a SIGTERM that arrives while the node starts
+        // a drain that removes the socket, not the default action that kills and leaves it.
+        let mut signals = match StopSignals::listen() {
+            Ok(signals) => signals,
+            Err(error) => {
+                eprintln!("pegaflow-node: cannot listen for SIGTERM and SIGINT: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
         let node = match pegaflow_actors::node::start(&config).await {
             Ok(node) => node,
             Err(error) => {
-                tracing::error!(%error, "cannot start");
                 eprintln!("pegaflow-node: {error}");
                 return ExitCode::FAILURE;
             }
         };
-        if let Err(error) = wait_for_signal().await {
-            tracing::error!(%error, "cannot listen for signals; shutting down");
-        }
+        signals.recv().await;
         node.shutdown().await;
         ExitCode::SUCCESS
     })
@@ -94,12 +107,26 @@ fn check_ssd(dir: &Path) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+/// SIGTERM and SIGINT, the two ways to ask the node to drain and stop.
+struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    /// Takes over both signals from their default action (termination).
+    fn listen() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    /// Waits for either, including one that arrived since `listen`.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = self.int.recv() => tracing::info!("SIGINT: draining"),
+        }
+    }
 }

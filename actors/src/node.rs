@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +20,7 @@ use crate::peers::{FabricMetrics, Peers};
 use crate::pool::{Extent, OwnerId, PoolActor, PoolState};
 use crate::pools::{self, PoolHandle, Pools};
 use crate::session::{release_session, SessionActor, SessionArgs};
+use crate::socket_file::{self, SocketFileError};
 use crate::ssd::{SsdError, SsdTier};
 use crate::topology::HostTopology;
 use crate::transfers::{Transfers, TransfersError};
@@ -28,13 +28,8 @@ use crate::transfers::{Transfers, TransfersError};
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("socket path {0} is in use by a running pegaflow-node (or another program); stop it or choose another socket.path")]
-    SocketInUse(PathBuf),
-    #[error("cannot listen on socket path {path}: {source}")]
-    Socket {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] SocketFileError),
     #[error("cannot serve HTTP on http.addr {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -204,7 +199,7 @@ impl RunningNode {
 /// so a second node on the same path fails before allocating anything, and released again if
 /// a later step fails.
 pub async fn start(config: &NodeConfig) -> Result<RunningNode, StartError> {
-    let listener = bind_socket(&config.socket.path)?;
+    let listener = socket_file::bind(&config.socket.path)?;
     let started = start_serving(config, listener).await;
     if started.is_err() {
         let _ = std::fs::remove_file(&config.socket.path);
@@ -296,26 +291,6 @@ async fn spawn_pools(
         pools.push(PoolHandle { numa_node, actor });
     }
     Ok(Pools::new(pools))
-}
-
-/// Binds the connector socket, replacing a stale file but never a live node's socket.
-fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
-    let socket_error = |source| StartError::Socket {
-        path: path.to_path_buf(),
-        source,
-    };
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(StartError::SocketInUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path).map_err(socket_error)?;
-    }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(socket_error)?;
-    }
-    let listener = UnixListener::bind(path).map_err(socket_error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(socket_error)?;
-    Ok(listener)
 }
 
 async fn accept_loop(listener: UnixListener, supervisor: ActorRef<NodeMsg>) {

@@ -91,7 +91,7 @@ pub fn quantile(q: f64, buckets: &[(f64, u64)], count: u64) -> f64 {
 pub struct DirectionStats {
     pub bytes: u64,
     /// Bandwidth while copying (bytes over the summed copy time), GB/s.
-    pub gbps: f64,
+    pub gb_per_s: f64,
     /// Per save or load job.
     pub latency: Latency,
 }
@@ -132,7 +132,7 @@ fn counts_by(collector: &impl Collector, name: &str) -> BTreeMap<String, u64> {
 }
 
 /// Bytes per second over seconds, in GB/s; 0 before any time was spent.
-fn gbps(bytes: u64, seconds: f64) -> f64 {
+fn gb_per_s(bytes: u64, seconds: f64) -> f64 {
     if seconds > 0.0 {
         bytes as f64 / seconds / 1e9
     } else {
@@ -175,7 +175,7 @@ fn device_stats(m: &Metrics) -> Vec<DeviceStats> {
         };
         if let Some(side) = side(entry, label(metric, "direction")) {
             side.bytes = metric.get_counter().get_value() as u64;
-            side.gbps = gbps(side.bytes, side.latency.sum_seconds);
+            side.gb_per_s = gb_per_s(side.bytes, side.latency.sum_seconds);
         }
     }
     devices.into_values().collect()
@@ -194,11 +194,11 @@ pub struct SsdStats {
     pub reads: u64,
     pub read_bytes: u64,
     /// Read bandwidth while reading (bytes over time spent in reads), GB/s.
-    pub read_gbps: f64,
+    pub read_gb_per_s: f64,
     pub writes: u64,
     pub write_bytes: u64,
     /// Write bandwidth while writing, fdatasync included, GB/s.
-    pub write_gbps: f64,
+    pub write_gb_per_s: f64,
     pub write_errors: u64,
     pub segments_dropped: u64,
     pub checksum_failures: u64,
@@ -220,10 +220,13 @@ impl SsdStats {
                 hit_blocks: m.ssd_lookup_hit_blocks_total.get(),
                 reads: m.ssd_reads_total.get(),
                 read_bytes: m.ssd_read_bytes_total.get(),
-                read_gbps: gbps(m.ssd_read_bytes_total.get(), m.ssd_read_seconds_total.get()),
+                read_gb_per_s: gb_per_s(
+                    m.ssd_read_bytes_total.get(),
+                    m.ssd_read_seconds_total.get(),
+                ),
                 writes: m.ssd_writes_total.get(),
                 write_bytes: m.ssd_write_bytes_total.get(),
-                write_gbps: gbps(
+                write_gb_per_s: gb_per_s(
                     m.ssd_write_bytes_total.get(),
                     m.ssd_write_seconds_total.get(),
                 ),

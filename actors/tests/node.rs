@@ -11,6 +11,7 @@ use pegaflow_actors::keys::chain_keys;
 use pegaflow_actors::node::{start, StartError};
 use pegaflow_actors::protocol::bin::Bin;
 use pegaflow_actors::protocol::{BlocksRequest, ErrorCode, RegionSpec, Request, SaveReply};
+use pegaflow_actors::socket_file::SocketFileError;
 use support::{node, ShmRegion};
 
 fn raw_call(stream: &mut UnixStream, payload: &[u8]) -> rmpv::Value {
@@ -290,7 +291,9 @@ async fn a_live_socket_is_never_taken_over_but_a_stale_one_is() {
     config.pool.size = pegaflow_config::Size::mib(16);
     config.pool.max_page_size = pegaflow_config::Size::mib(16);
     match start(&config).await {
-        Err(StartError::SocketInUse(path)) => assert_eq!(path, config.socket.path),
+        Err(StartError::Socket(SocketFileError::InUse(path))) => {
+            assert_eq!(path, config.socket.path)
+        }
         Err(other) => panic!("expected SocketInUse, got {other}"),
         Ok(_) => panic!("a second node took over a live socket"),
     }

@@ -24,7 +24,7 @@ pub(crate) struct Key {
     pub(crate) expected: &'static str,
 }
 
-const SIZE: &str = "a size such as \"64GiB\" or a byte count";
+const SIZE: &str = "a size with a unit such as \"64GiB\" (\"4096B\" for bytes)";
 const ADDR: &str = "a socket address such as \"127.0.0.1:9095\"";
 const MILLIS: &str = "a whole number of milliseconds";
 const TEXT: &str = "a string";

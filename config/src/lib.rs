@@ -11,6 +11,7 @@
 
 mod args;
 mod error;
+mod host_memory;
 mod keys;
 mod literal;
 mod loaded;
@@ -25,6 +26,7 @@ mod tests;
 
 pub use args::ConfigArgs;
 pub use error::ConfigError;
+pub use host_memory::check_pool_fits_memory;
 pub use loaded::LoadedConfig;
 pub use node_config::{
     DmaConfig, DmaEngine, FabricConfig, HostGpu, HttpConfig, LogConfig, NodeConfig, OtlpConfig,

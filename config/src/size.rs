@@ -1,7 +1,10 @@
-//! Byte sizes as people write them (`"64GiB"`, `"512MiB"`, `4096`) and as the config prints them.
+//! Byte sizes as people write them (`"64GiB"`, `"512MiB"`, `"4096B"`) and as the config prints
+//! them.
 //!
-//! Parsing is delegated to `bytesize`; printing is our own so that the printed form parses back
-//! to exactly the same number of bytes (bytesize's own display rounds to one decimal).
+//! A size always carries its unit: `--pool-size 12` is far more likely a forgotten `GiB` than a
+//! request for 12 bytes, so a bare number is refused rather than guessed at. Parsing is delegated
+//! to `bytesize`; printing is our own so that the printed form parses back to exactly the same
+//! number of bytes (bytesize's own display rounds to one decimal).
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,8 +32,8 @@ const UNITS: [(&str, u64); 13] = [
 
 /// A number of bytes in the config: memory pools, frame limits, SSD capacity.
 ///
-/// Accepts a byte count or a number with a unit (`KiB`/`MiB`/`GiB`/`TiB` are powers of 1024,
-/// `KB`/`MB`/`GB`/`TB` powers of 1000); prints the shortest exact form, e.g. `"4GiB"`.
+/// Accepts a number with a unit (`KiB`/`MiB`/`GiB`/`TiB` are powers of 1024, `KB`/`MB`/`GB`/`TB`
+/// powers of 1000, `B` bytes); prints the shortest exact form, e.g. `"4GiB"`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Size(pub u64);
 
@@ -89,6 +92,11 @@ impl FromStr for Size {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let text = text.trim();
+        if !text.is_empty() && !text.chars().any(char::is_alphabetic) {
+            return Err(SizeParseError(format!(
+                "{text:?} has no unit; write e.g. \"{text}GiB\", or \"{text}B\" for bytes"
+            )));
+        }
         let parsed = bytesize::ByteSize::from_str(text).map_err(SizeParseError)?;
         // bytesize saturates on overflow; a size that large is a typo, not a request.
         if parsed.as_u64() == u64::MAX && text.parse::<u64>().is_err() {
@@ -110,28 +118,18 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-/// Takes a size from a string with a unit or from a plain byte count.
+/// Takes a size from a string with a unit; an integer has no unit and is refused.
 struct SizeVisitor;
 
 impl Visitor<'_> for SizeVisitor {
     type Value = Size;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a size such as \"64GiB\" or a byte count")
+        f.write_str("a size with a unit such as \"64GiB\" or \"4096B\"")
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<Size, E> {
         text.parse().map_err(E::custom)
-    }
-
-    fn visit_u64<E: de::Error>(self, bytes: u64) -> Result<Size, E> {
-        Ok(Size(bytes))
-    }
-
-    fn visit_i64<E: de::Error>(self, bytes: i64) -> Result<Size, E> {
-        u64::try_from(bytes)
-            .map(Size)
-            .map_err(|_| E::invalid_value(de::Unexpected::Signed(bytes), &self))
     }
 }
 
@@ -144,14 +142,24 @@ mod tests {
         assert_eq!("64GiB".parse(), Ok(Size::gib(64)));
         assert_eq!("512MiB".parse(), Ok(Size::mib(512)));
         assert_eq!("4 KiB".parse(), Ok(Size::kib(4)));
-        assert_eq!("4096".parse(), Ok(Size(4096)));
+        assert_eq!("4096B".parse(), Ok(Size(4096)));
         assert_eq!("64GB".parse(), Ok(Size(64_000_000_000)));
         assert_eq!("0B".parse(), Ok(Size(0)));
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["12XB", "", "GiB", "-1", "lots", "99999999999EiB"] {
+        for bad in [
+            "12XB",
+            "",
+            "GiB",
+            "-1",
+            "lots",
+            "99999999999EiB",
+            "12",
+            "4096",
+            "1.5",
+        ] {
             assert!(bad.parse::<Size>().is_err(), "{bad:?} parsed");
         }
     }

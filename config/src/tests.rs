@@ -145,7 +145,7 @@ fn render_names_each_source() {
 fn rendered_config_loads_back_unchanged() {
     let vars = [
         ("PEGAFLOW_SSD__DIR", "/var/cache/pegaflow \"ssd\""),
-        ("PEGAFLOW_SSD__SIZE", "64000000000"),
+        ("PEGAFLOW_SSD__SIZE", "64000000000B"),
         ("PEGAFLOW_FABRIC__ENABLED", "true"),
         ("PEGAFLOW_FABRIC__SECRET", "s3cret"),
         ("PEGAFLOW_FABRIC__SEEDS", "[10.0.0.2:9096, 10.0.0.3:9096]"),
@@ -173,7 +173,7 @@ fn rendered_config_loads_back_unchanged() {
 fn nested_env_keys_reach_every_section() {
     let vars = [
         ("PEGAFLOW_SOCKET__MAX_FRAME", "16MiB"),
-        ("PEGAFLOW_POOL__MAX_PAGE_SIZE", "1048576"),
+        ("PEGAFLOW_POOL__MAX_PAGE_SIZE", "1048576B"),
         ("PEGAFLOW_POOL__PAGE_ALIGN", "2MiB"),
         ("PEGAFLOW_FABRIC__ENABLED", "true"),
         ("PEGAFLOW_FABRIC__SECRET", "12345"),
@@ -278,13 +278,33 @@ fn config_file_from_env_unless_flag_given() {
 }
 
 #[test]
-fn sizes_accept_integers_in_toml() {
-    let file = toml_file("[pool]\nsize = 1073741824\nmax_page_size = \"64 MiB\"\n");
-    let c = load_from(&with_file(file.path(), &[]), env(&[]))
-        .unwrap()
-        .config;
-    assert_eq!(c.pool.size, Size::gib(1));
-    assert_eq!(c.pool.max_page_size, Size::mib(64));
+fn sizes_without_a_unit_are_refused_in_every_layer() {
+    let expected = |value: &str, origin: &str| {
+        format!(
+            r#"config key pool.size = {value} ({origin}): expected a size with a unit such as "64GiB" ("4096B" for bytes)"#
+        )
+    };
+    let error = |args: &ConfigArgs, vars: Vars| {
+        load_from(args, env(vars))
+            .expect_err("a size without a unit")
+            .to_string()
+    };
+    assert_eq!(
+        error(&cli(&["--pool-size", "12"]), &[]),
+        expected(r#""12""#, "flag --pool-size")
+    );
+    assert_eq!(
+        error(&ConfigArgs::default(), &[("PEGAFLOW_POOL__SIZE", "4096")]),
+        expected(r#""4096""#, "env PEGAFLOW_POOL__SIZE")
+    );
+    let file = toml_file("[pool]\nsize = 1073741824\n");
+    let file_origin = format!("file {}", file.path().display());
+    assert_eq!(
+        error(&with_file(file.path(), &[]), &[]),
+        expected("1073741824", &file_origin)
+    );
+    let bytes = load_from(&cli(&["--pool-size", "1073741824B"]), env(&[])).unwrap();
+    assert_eq!(bytes.config.pool.size, Size::gib(1));
 }
 
 #[test]
@@ -296,17 +316,27 @@ fn bad_values_name_key_value_origin_and_expectation() {
         (
             none.clone(),
             &[("PEGAFLOW_POOL__SIZE", "12XB")],
-            r#"config key pool.size = "12XB" (env PEGAFLOW_POOL__SIZE): expected a size such as "64GiB" or a byte count"#.into(),
+            r#"config key pool.size = "12XB" (env PEGAFLOW_POOL__SIZE): expected a size with a unit such as "64GiB" ("4096B" for bytes)"#.into(),
         ),
         (
             cli(&["--pool-size", "12XB"]),
             &[],
-            r#"config key pool.size = "12XB" (flag --pool-size): expected a size such as "64GiB" or a byte count"#.into(),
+            r#"config key pool.size = "12XB" (flag --pool-size): expected a size with a unit such as "64GiB" ("4096B" for bytes)"#.into(),
         ),
         (
-            cli(&["--pool-size", "0"]),
+            cli(&["--pool-size", "0B"]),
             &[],
-            r#"config key pool.size = "0" (flag --pool-size): expected a size greater than 0B"#.into(),
+            r#"config key pool.size = "0B" (flag --pool-size): expected a size greater than 0B"#.into(),
+        ),
+        (
+            cli(&["--pool-size", "12B"]),
+            &[],
+            r#"config key pool.size = "12B" (flag --pool-size): expected a size of at least pool.max_page_size (64MiB), the largest page it must hold"#.into(),
+        ),
+        (
+            cli(&["--max-page-size", "512MiB"]),
+            &[],
+            r#"config key pool.max_page_size = "512MiB" (flag --max-page-size): expected a size of at most ssd.queue_size (256MiB) so one page can be staged"#.into(),
         ),
         (
             with_file(file.path(), &[]),
@@ -320,8 +350,8 @@ fn bad_values_name_key_value_origin_and_expectation() {
         ),
         (
             none.clone(),
-            &[("PEGAFLOW_POOL__PAGE_ALIGN", "3000")],
-            r#"config key pool.page_align = "3000" (env PEGAFLOW_POOL__PAGE_ALIGN): expected a power of two such as "4KiB""#.into(),
+            &[("PEGAFLOW_POOL__PAGE_ALIGN", "3000B")],
+            r#"config key pool.page_align = "3000B" (env PEGAFLOW_POOL__PAGE_ALIGN): expected a power of two such as "4KiB""#.into(),
         ),
         (
             none.clone(),

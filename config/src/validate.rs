@@ -3,6 +3,7 @@
 
 use crate::error::ConfigError;
 use crate::node_config::NodeConfig;
+use crate::origin::Origin;
 use crate::size::Size;
 use crate::sources::Sources;
 
@@ -41,10 +42,26 @@ pub(crate) fn validate(config: &NodeConfig, sources: &Sources) -> Result<(), Con
         "a size greater than 0B".to_owned(),
     )?;
     check(
-        (MIN_FRAME..=pool.size).contains(&pool.max_page_size),
+        pool.max_page_size >= MIN_FRAME,
         "pool.max_page_size",
         format!("a size from {MIN_FRAME} to pool.size ({})", pool.size),
     )?;
+    if pool.max_page_size > pool.size {
+        return Err(blame_one_of(
+            sources,
+            (
+                "pool.max_page_size",
+                format!("a size from {MIN_FRAME} to pool.size ({})", pool.size),
+            ),
+            (
+                "pool.size",
+                format!(
+                    "a size of at least pool.max_page_size ({}), the largest page it must hold",
+                    pool.max_page_size
+                ),
+            ),
+        ));
+    }
     check(
         pool.page_align.bytes().is_power_of_two(),
         "pool.page_align",
@@ -56,14 +73,25 @@ pub(crate) fn validate(config: &NodeConfig, sources: &Sources) -> Result<(), Con
         "ssd.size",
         "a size greater than 0B because ssd.dir is set".to_owned(),
     )?;
-    check(
-        config.ssd.queue_size >= pool.max_page_size,
-        "ssd.queue_size",
-        format!(
-            "a size of at least pool.max_page_size ({}) so one page can be staged",
-            pool.max_page_size
-        ),
-    )?;
+    if config.ssd.queue_size < pool.max_page_size {
+        return Err(blame_one_of(
+            sources,
+            (
+                "ssd.queue_size",
+                format!(
+                    "a size of at least pool.max_page_size ({}) so one page can be staged",
+                    pool.max_page_size
+                ),
+            ),
+            (
+                "pool.max_page_size",
+                format!(
+                    "a size of at most ssd.queue_size ({}) so one page can be staged",
+                    config.ssd.queue_size
+                ),
+            ),
+        ));
+    }
 
     let fabric = &config.fabric;
     check(
@@ -134,4 +162,19 @@ pub(crate) fn validate(config: &NodeConfig, sources: &Sources) -> Result<(), Con
             LOG_LEVELS.join(", ")
         ),
     )
+}
+
+/// The error for two keys that disagree, blaming the one the user set: `dependent` unless only
+/// `other` was set (a `--pool-size 12B` must not be reported as a bad default
+/// `pool.max_page_size`). Each key comes with what it would have to be.
+fn blame_one_of(
+    sources: &Sources,
+    dependent: (&str, String),
+    other: (&str, String),
+) -> ConfigError {
+    let (key, expected) = match (sources.origin(dependent.0), sources.origin(other.0)) {
+        (Origin::Default, other_origin) if other_origin != Origin::Default => other,
+        _ => dependent,
+    };
+    sources.invalid(key, expected)
 }

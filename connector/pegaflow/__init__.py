@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .client import Client, Engine, LookupResult, SaveResult
-from .errors import ConnectionLost, NodeError, PegaFlowError, ProtocolError
+from .errors import ConnectionLost, IncompatibleVersion, NodeError, PegaFlowError, ProtocolError
 from .host_engine import DTYPE_BYTES, LAYOUTS, HostKvRegion, page_bytes, segment_bytes
 from .keys import Namespace, chain_keys
 from .protocol import PROTOCOL_VERSION, decode_frame, encode_frame
@@ -17,6 +17,7 @@ __all__ = [
     "ConnectionLost",
     "Engine",
     "HostKvRegion",
+    "IncompatibleVersion",
     "LookupResult",
     "Namespace",
     "NodeError",

@@ -1,4 +1,5 @@
-"""`python -m pegaflow demo|stats`: check a node end to end, or print its stats."""
+"""`python -m pegaflow demo|stats|node`: check a node end to end, print its stats, or start the
+pegaflow-node that the pegaflow wheel installed."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import os
 import random
 import sys
 import time
+from importlib import metadata
+from pathlib import Path
 
 from .client import Client
-from .errors import ConnectionLost, PegaFlowError
+from .errors import ConnectionLost, IncompatibleVersion, PegaFlowError
 from .host_engine import HostKvRegion
 from .keys import Namespace, chain_keys
+from .stats_summary import summarize
 
 DEMO_NAMESPACE = Namespace(
     model="pegaflow-demo/tiny-llama",
@@ -68,13 +72,52 @@ def demo(client: Client, blocks: int) -> int:
     return 0
 
 
+NODE_BINARY = "pegaflow-node"
+
+
+def installed_node_binary() -> Path | None:
+    """The pegaflow-node that was installed with this pegaflow distribution (the wheel puts it in
+    the environment's scripts directory and lists it in its RECORD), or None: a source checkout
+    or `pip install ./connector` carries no binary."""
+    try:
+        files = metadata.distribution("pegaflow").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == NODE_BINARY:
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    return None
+
+
+def exec_node(args: list[str]) -> int:
+    """Replaces this process with the installed pegaflow-node, so signals reach the node."""
+    binary = installed_node_binary()
+    if binary is None:
+        print(
+            f"{NODE_BINARY} is not installed with this pegaflow package (a source checkout or "
+            "`pip install ./connector` has none): install the pegaflow wheel "
+            "(scripts/build-wheel.sh builds it), or run the node cargo builds "
+            f"(cargo build --release --bin {NODE_BINARY})",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        os.execv(binary, [str(binary), *args])
+    except OSError as exc:
+        print(f"cannot start {binary}: {exc}", file=sys.stderr)
+        return 2
+    return 0  # not reached: execv returns only by raising
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pegaflow")
     commands = parser.add_subparsers(dest="command", required=True)
     default_socket = os.environ.get("PEGAFLOW_SOCKET__PATH", "/tmp/pegaflow.sock")
     for name, help_text in [
         ("demo", "save and load a fake KV cache, check it byte for byte"),
-        ("stats", "print the node's stats as JSON"),
+        ("stats", "print a summary of the node's stats (--json: the whole document)"),
     ]:
         command = commands.add_parser(name, help=help_text)
         command.add_argument(
@@ -84,7 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name == "demo":
             command.add_argument("--blocks", type=int, default=32, help="blocks to save (32)")
-    args = parser.parse_args(argv)
+        if name == "stats":
+            command.add_argument(
+                "--json", action="store_true", help="the raw stats document, buckets included"
+            )
+    commands.add_parser(
+        "node",
+        add_help=False,  # `node --help` is the node's own help
+        help=f"start the installed {NODE_BINARY}; every further argument goes to it",
+    )
+    args, node_args = parser.parse_known_args(argv)
+    if args.command == "node":
+        return exec_node(node_args)
+    if node_args:
+        parser.error(f"unrecognized arguments: {' '.join(node_args)}")
     if args.command == "demo" and args.blocks <= 0:
         parser.error("--blocks must be positive")
     try:
@@ -96,10 +152,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except IncompatibleVersion as exc:
+        print(f"pegaflow {args.command}: {exc}", file=sys.stderr)
+        return 2
     try:
         with client:
             if args.command == "stats":
-                print(json.dumps(client.stats(), indent=2, sort_keys=True))
+                stats = client.stats()
+                if args.json:
+                    print(json.dumps(stats, indent=2, sort_keys=True))
+                else:
+                    print(summarize(stats))
                 return 0
             return demo(client, args.blocks)
     except (PegaFlowError, TimeoutError) as exc:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import ConnectionLost, NodeError, PegaFlowError, ProtocolError
+from .handshake import check_hello_reply, refused_hello
 from .keys import KEY_BYTES, Namespace
 from .protocol import DEFAULT_MAX_FRAME_BYTES, HEADER, PROTOCOL_VERSION, encode_frame, read_frame
 
@@ -267,7 +268,7 @@ class Client:
         return {name: self._wire_value(conn, name, value) for name, value in fields.items()}
 
     def hello(self) -> Reply:
-        return self._call("hello", client=self.client_name)
+        return self._call("hello", client=self.client_name, version=__version__)
 
     def register(
         self,
@@ -418,17 +419,7 @@ class Client:
             ) from exc
         conn = _Connection(sock)
         try:
-            hello = self._wait(
-                conn,
-                conn.send("hello", {"client": self.client_name}),
-                "hello",
-                deadline - time.monotonic(),
-            )
-            if hello.get("protocol") != PROTOCOL_VERSION:
-                raise ProtocolError(
-                    f"pegaflow-node speaks protocol {hello.get('protocol')!r}, "
-                    f"this client speaks {PROTOCOL_VERSION}"
-                )
+            hello = self._hello(conn, deadline)
             conn.max_frame_bytes = hello.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES)
             self.node_info = hello
             self._register_all(conn, deadline)
@@ -436,6 +427,22 @@ class Client:
             conn.close()
             raise
         return conn
+
+    def _hello(self, conn: _Connection, deadline: float) -> Reply:
+        """Says hello; raises `IncompatibleVersion` when this package and the node cannot work
+        together, whichever side noticed (docs/protocol.md "Versions")."""
+        request = {"client": self.client_name, "version": __version__}
+        try:
+            hello = self._wait(
+                conn, conn.send("hello", request), "hello", deadline - time.monotonic()
+            )
+        except NodeError as exc:
+            incompatible = refused_hello(exc)
+            if incompatible is not None:
+                raise incompatible from exc
+            raise
+        check_hello_reply(hello, __version__)
+        return hello
 
     def _register_all(self, conn: _Connection, deadline: float) -> None:
         sent = [(engine, conn.send("register", engine.fields)) for engine in self._engines]

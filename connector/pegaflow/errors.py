@@ -24,3 +24,8 @@ class ConnectionLost(PegaFlowError):
 
 class ProtocolError(PegaFlowError):
     """The node sent something the protocol does not allow (bad frame, wrong version)."""
+
+
+class IncompatibleVersion(ProtocolError):
+    """This package and the node cannot work together (docs/protocol.md "Versions"): retrying
+    will not help; the message names both versions and which side to upgrade."""

@@ -22,6 +22,7 @@ DEFAULT_MAX_FRAME_BYTES = 8 << 20
 BAD_FRAME = "bad_frame"
 FRAME_TOO_LARGE = "frame_too_large"
 UNSUPPORTED_VERSION = "unsupported_version"
+INCOMPATIBLE_VERSION = "incompatible_version"
 UNKNOWN_OP = "unknown_op"
 BAD_FIELD = "bad_field"
 BAD_KEY = "bad_key"
@@ -39,6 +40,7 @@ ERROR_CODES = frozenset(
         BAD_FRAME,
         FRAME_TOO_LARGE,
         UNSUPPORTED_VERSION,
+        INCOMPATIBLE_VERSION,
         UNKNOWN_OP,
         BAD_FIELD,
         BAD_KEY,

@@ -65,11 +65,11 @@ class NodeProcess:
     def start(self) -> None:
         command = [
             str(NODE_BIN), "--socket", str(self.socket),
-            "--http-addr", f"127.0.0.1:{self.http_port}", "--pool-size", str(self.pool_size),
+            "--http-addr", f"127.0.0.1:{self.http_port}", "--pool-size", f"{self.pool_size}B",
             "--dma", self.dma, "--log-level", "info",
         ]  # fmt: skip
         if self.max_page_size is not None:
-            command += ["--max-page-size", str(self.max_page_size)]
+            command += ["--max-page-size", f"{self.max_page_size}B"]
         for name, value in self.ssd.items():
             command += [f"--ssd-{name}", str(value)]
         with self.log_path.open("ab") as log:

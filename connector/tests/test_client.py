@@ -14,10 +14,12 @@ import pytest
 from pegaflow import (
     Client,
     ConnectionLost,
+    IncompatibleVersion,
     Namespace,
     NodeError,
     PegaFlowError,
     ProtocolError,
+    __version__,
     chain_keys,
     encode_frame,
 )
@@ -328,9 +330,33 @@ def test_timeout_names_the_op_and_late_replies_are_ignored(
 
 
 def test_wrong_protocol_version_is_refused(fake_node: Callable[..., FakeNode]) -> None:
-    node = fake_node(failing_op("hello", lambda conn, request: conn.reply(request, protocol=2)))
-    with pytest.raises(ProtocolError, match="protocol 2"):
+    node = fake_node(
+        failing_op("hello", lambda conn, request: conn.reply(request, protocol=2, node="fake"))
+    )
+    with pytest.raises(IncompatibleVersion) as refused:
         Client(str(node.path))
+    assert str(refused.value) == (
+        f"pegaflow {__version__} (client) speaks protocol 1, fake speaks protocol 2; "
+        "upgrade the pegaflow package"
+    )
+
+
+def test_a_node_of_another_minor_release_is_refused_by_the_client(
+    fake_node: Callable[..., FakeNode],
+) -> None:
+    """A node that does not check versions itself: the client's own check refuses it."""
+    major, minor = (int(part) for part in __version__.split(".")[:2])
+    newer = f"{major}.{minor + 1}.0"
+    node = fake_node(
+        failing_op("hello", lambda conn, request: conn.reply(request, protocol=1, version=newer))
+    )
+    with pytest.raises(IncompatibleVersion) as refused:
+        Client(str(node.path), reconnect=False)
+    assert str(refused.value) == (
+        f"pegaflow {__version__} (client) and pegaflow-node {newer} are incompatible "
+        f"(major.minor must match); upgrade the pegaflow package to {major}.{minor + 1}.x"
+    )
+    assert node.requests[0][1]["version"] == __version__
 
 
 def test_error_without_id_fails_pending_requests(fake_node: Callable[..., FakeNode]) -> None:

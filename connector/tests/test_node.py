@@ -27,7 +27,15 @@ from enginekit import (
     write_pages,
 )
 
-from pegaflow import Client, HostKvRegion, Namespace, NodeError, SaveResult, page_bytes
+from pegaflow import (
+    Client,
+    HostKvRegion,
+    Namespace,
+    NodeError,
+    SaveResult,
+    __version__,
+    page_bytes,
+)
 from pegaflow.protocol import (
     BAD_FIELD,
     BAD_FRAME,
@@ -459,13 +467,22 @@ def test_engine_handles_survive_a_node_restart(start_node: Callable[..., NodePro
 
 
 def test_demo_and_stats_commands(node: NodeProcess) -> None:
-    for command in (["demo", "--blocks", "8"], ["stats"]):
+    def run(*command: str) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "pegaflow", *command, "--socket", str(node.socket)],
             capture_output=True, text=True, timeout=60, cwd=CONNECTOR_DIR,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        if command[0] == "demo":
-            assert "byte-exact" in done.stdout
-        else:
-            assert "capacity_bytes" in json.loads(done.stdout)["pool"]
+        return done.stdout
+
+    assert "byte-exact" in run("demo", "--blocks", "8")
+    summary = run("stats")
+    assert len(summary.splitlines()) < 25 and "bucket" not in summary, summary
+    assert summary.startswith(f"pegaflow-node {__version__}, dma host"), summary
+    assert "lookups: 16 blocks, 8 hits (50.0%" in summary, summary
+    assert "saved: 8 blocks" in summary and "load copies on host: 1 jobs" in summary, summary
+    document = json.loads(run("stats", "--json"))
+    assert "capacity_bytes" in document["pool"]
+    assert document["totals"]["saved_blocks"] == 8
+    assert document["transfers"][0]["load"]["gb_per_s"] > 0
+    assert document["requests"]["lookup"]["buckets"]

@@ -282,7 +282,7 @@ def lookup(stats: dict[str, Any], path: str) -> Any:
 def test_dashboard_in_headless_chromium_matches_api_stats(
     start_node: Callable[..., NodeProcess], short_tmp: Path
 ) -> None:
-    node = start_node(ssd={"dir": str(short_tmp / "ssd"), "size": str(256 << 20)})
+    node = start_node(ssd={"dir": str(short_tmp / "ssd"), "size": "256MiB"})
     Workload(node).run(4)  # history before the page opens
     workload = Workload(node)
     workload.start(rounds=400, pause=0.05)  # under load while the page renders

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from conftest import NodeProcess
 
+import pegaflow
+import pegaflow.client
 from pegaflow import HostKvRegion, Namespace, chain_keys
 
 if os.environ.get("PEGAFLOW_SKIP_SGLANG") == "1":
@@ -285,6 +287,28 @@ def test_node_down_means_misses_not_errors(
     assert backend.batch_get_v1(hashes, slots([2, 3])) == [False, False]
     assert backend.batch_set_v1(hashes, slots([0, 1])) == [False, False]
     assert time.monotonic() - started < 10
+
+
+def test_an_incompatible_node_turns_storage_off_with_one_warning(
+    node: NodeProcess, attach: Any, caplog: pytest.LogCaptureFixture, monkeypatch: Any
+) -> None:
+    major, minor = (int(part) for part in pegaflow.__version__.split(".")[:2])
+    monkeypatch.setattr(pegaflow.client, "__version__", f"{major}.{minor + 1}.0")
+    hashes = page_hashes(prompt(9, 2), PAGE)
+    with caplog.at_level(logging.WARNING, logger="pegaflow"):
+        backend, pool = attach(node.socket)
+        fill(pool, [0, 1], seed=9)
+        assert backend.batch_set_v1(hashes, slots([0, 1])) == [False, False]
+        assert backend.batch_exists(hashes) == 0
+        assert backend.batch_get_v1(hashes, slots([2, 3])) == [False, False]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("pegaflow") and r.levelno >= logging.WARNING
+    ]
+    assert len(warnings) == 1, warnings
+    assert "upgrade pegaflow-node" in warnings[0] and "PegaFlow is off" in warnings[0]
+    assert node.stats()["totals"]["saved_blocks"] == 0
 
 
 def test_unsupported_pools_turn_the_backend_off(

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import CONNECTOR_DIR, NodeProcess, running_node, temp_workdir
 
-from pegaflow import Client, HostKvRegion, Namespace, chain_keys
+from pegaflow import Client, HostKvRegion, Namespace, __version__, chain_keys
 
 if os.environ.get("PEGAFLOW_SKIP_VLLM") == "1":
     pytest.skip("PEGAFLOW_SKIP_VLLM=1: vLLM tests skipped on request", allow_module_level=True)
@@ -61,13 +61,25 @@ def hit_blocks(batch: list[list[int]]) -> int:
 class EngineProcess:
     """One vLLM engine in a child process; commands and replies are JSON lines."""
 
-    def __init__(self, workdir: Path, name: str, socket: Path | None) -> None:
+    def __init__(
+        self, workdir: Path, name: str, socket: Path | None, claim_version: str | None = None
+    ) -> None:
+        """`claim_version`: every process of the engine (vLLM spawns its scheduler and workers)
+        runs a pegaflow package that says it is this version, through a `sitecustomize`."""
         self.name = name
         self.log_path = workdir / f"{name}.log"
         command = [sys.executable, str(ENGINE), "--model", str(workdir / "tiny-llama")]
         if socket is not None:
             command += ["--socket", str(socket), "--extra", json.dumps({"retry_interval_s": 1.0})]
-        env = {**os.environ, "PYTHONPATH": str(CONNECTOR_DIR), "HF_HUB_OFFLINE": "1"}
+        path = [str(CONNECTOR_DIR)]
+        if claim_version is not None:
+            site = workdir / f"{name}-site"
+            site.mkdir()
+            (site / "sitecustomize.py").write_text(
+                f"import pegaflow.client\npegaflow.client.__version__ = {claim_version!r}\n"
+            )
+            path.insert(0, str(site))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "HF_HUB_OFFLINE": "1"}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -225,6 +237,28 @@ def test_restarted_engine_gets_hits_for_the_first_engines_prompts(
     assert result["outputs"] == baseline["prompts"]
     assert engine.stats("scheduler")["hit_tokens"] == hit_blocks(PROMPTS) * BLOCK
     assert engine.stats("worker")["loaded_blocks"] == hit_blocks(PROMPTS)
+
+
+def test_an_incompatible_node_turns_the_connector_off_with_one_warning_per_role(
+    node: NodeProcess, baseline: dict[str, Any], engines: dict[str, EngineProcess], workdir: Path
+) -> None:
+    major, minor = (int(part) for part in __version__.split(".")[:2])
+    newer = f"{major}.{minor + 1}.0"
+    engine = EngineProcess(workdir, "newer", node.socket, claim_version=newer)
+    engines["newer"] = engine
+    engine.reply(START_TIMEOUT_S)
+    saved = node.stats()["totals"]["saved_blocks"]
+    result = engine.generate(PROMPTS)
+    assert result["outputs"] == baseline["prompts"]
+    assert engine.stats("scheduler")["hit_tokens"] == 0
+    assert engine.stats("worker")["saved_blocks"] == 0
+    assert node.stats()["totals"]["saved_blocks"] == saved
+    assert engine.close() == 0
+    off = [line for line in engine.log().splitlines() if "PegaFlow is off" in line]
+    assert len(off) == 2, f"want one warning per role (scheduler, worker):\n{engine.log()}"
+    for line in off:
+        assert f"pegaflow {newer} (client) and pegaflow-node {__version__}" in line
+        assert f"upgrade pegaflow-node to {major}.{minor + 1}.x" in line
 
 
 def test_two_engines_share_blocks_and_survive_the_node_dying(

@@ -16,7 +16,7 @@ const fmt = {
     return (i === 0 ? v.toFixed(0) : v.toFixed(1)) + " " + units[i];
   },
   percent: (v) => (v * 100).toFixed(1) + " %",
-  gbps: (v) => v.toFixed(2) + " GB/s",
+  gb_per_s: (v) => v.toFixed(2) + " GB/s",
   rate: (v) => (v >= 1e9 ? (v / 1e9).toFixed(2) + " GB/s" : v >= 1e6 ? (v / 1e6).toFixed(1) + " MB/s" : (v / 1e3).toFixed(1) + " kB/s"),
   seconds: (v) => (v >= 1 ? v.toFixed(2) + " s" : v >= 1e-3 ? (v * 1e3).toFixed(2) + " ms" : (v * 1e6).toFixed(0) + " \u00b5s"),
   duration: (v) => {
@@ -187,7 +187,7 @@ function render() {
   rows("device-rows", s.transfers.flatMap((d) => ["save", "load"].map((dir) => {
     const x = d[dir];
     return `<tr data-device="${d.device}" data-dir="${dir}"><td>${d.device}</td><td>${dir}</td>${cell(x.bytes, "bytes")}` +
-      `${cell(x.gbps, "gbps").replace(" GB/s", "")}${cell(x.latency.count, "count")}` +
+      `${cell(x.gb_per_s, "gb_per_s").replace(" GB/s", "")}${cell(x.latency.count, "count")}` +
       `${cell(x.latency.p50_seconds, "seconds")}${cell(x.latency.p99_seconds, "seconds")}</tr>`;
   })).join(""));
 

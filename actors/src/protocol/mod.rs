@@ -4,6 +4,7 @@
 pub mod bin;
 mod codec;
 mod error;
+pub mod handshake;
 mod reply;
 mod request;
 

@@ -12,6 +12,8 @@ use crate::stats::NodeStats;
 pub struct HelloReply {
     pub protocol: u32,
     pub node: String,
+    /// The node's package version, e.g. `"0.1.0"`; the client checks it against its own.
+    pub version: String,
     pub dma: String,
     pub pool_bytes: u64,
     pub max_frame_bytes: u64,

@@ -10,10 +10,14 @@ use crate::keys::NamespaceFields;
 /// The only protocol version this node speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// `hello`: opens a conversation and checks the version.
+/// `hello`: opens a conversation and checks the versions (docs/protocol.md "Versions").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelloRequest {
     pub client: String,
+    /// The client's package version, e.g. `"0.1.0"`; clients older than the handshake send
+    /// none, and are then checked by protocol (`v`) only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// The engine's KV memory as the connector describes it: a POSIX shared-memory name (engines
@@ -159,14 +163,7 @@ pub fn decode_request(payload: &[u8]) -> Result<(u64, Request), RejectedRequest>
         .ok_or_else(|| reject(ProtoError::new(ErrorCode::BadField, "missing field `id`")))?;
     match header.v {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        Some(v) => {
-            return Err(reject(ProtoError::new(
-                ErrorCode::UnsupportedVersion,
-                format!(
-                    "field `v`: version {v} is not supported; this node speaks {PROTOCOL_VERSION}"
-                ),
-            )))
-        }
+        Some(v) => return Err(reject(super::handshake::unsupported_protocol(v))),
         None => {
             return Err(reject(ProtoError::new(
                 ErrorCode::BadField,

@@ -67,7 +67,8 @@ class NodeHealth:
 
     The client reconnects by itself, but each attempt can block for `connect_timeout_s`; an
     engine step must not pay that every time, so a down node is retried once per
-    `retry_interval_s`. The first failure is a warning, later ones are debug lines.
+    `retry_interval_s`. The first failure is a warning, later ones are debug lines. A node
+    whose version cannot work with this package (`disable`) is never retried.
     """
 
     def __init__(self, config: ConnectorConfig, role: str) -> None:
@@ -77,13 +78,28 @@ class NodeHealth:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._warned = False
+        self._disabled = False
 
     def usable(self) -> bool:
         with self._lock:
             return time.monotonic() >= self._down_until
 
+    def disable(self, error: BaseException) -> None:
+        """Turns PegaFlow off for good, with one warning: retrying cannot fix `error`
+        (incompatible versions; the message says what to upgrade)."""
+        with self._lock:
+            if self._disabled:
+                return
+            self._disabled = True
+            self._down_until = float("inf")
+            log.warning(
+                "PegaFlow %s: %s; PegaFlow is off, serving without the cache", self._role, error
+            )
+
     def failed(self, error: BaseException) -> None:
         with self._lock:
+            if self._disabled:
+                return
             self._down_until = time.monotonic() + self._retry_interval
             if not self._warned:
                 self._warned = True
@@ -100,6 +116,8 @@ class NodeHealth:
 
     def recovered(self) -> None:
         with self._lock:
+            if self._disabled:
+                return
             if self._warned:
                 log.info("PegaFlow %s: node at %s is back", self._role, self._socket)
             self._warned = False

@@ -1,7 +1,8 @@
 """The connector's way to the node: a lazily (re)made client behind a circuit breaker.
 
 Both roles use it so that a node that is down, slow or restarting costs each engine step at
-most one bounded attempt per retry interval, and never an exception.
+most one bounded attempt per retry interval, and never an exception; a node whose version cannot
+work with this package turns PegaFlow off for good, with one warning saying what to upgrade.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..client import Client
-from ..errors import PegaFlowError
+from ..errors import IncompatibleVersion, PegaFlowError
 from .config import ConnectorConfig, NodeHealth
 
 Reply = dict[str, Any]
@@ -42,7 +43,7 @@ class NodeLink:
             if self._on_connect is not None:
                 self._on_connect(client)
         except (PegaFlowError, OSError, TimeoutError) as exc:
-            self.health.failed(exc)
+            self._failed(exc)
             return None
         self._client = client
         self.health.recovered()
@@ -55,7 +56,7 @@ class NodeLink:
         try:
             return client.submit(op, **fields)
         except (PegaFlowError, OSError, TimeoutError) as exc:
-            self.health.failed(exc)
+            self._failed(exc)
             return None
 
     def wait(self, future: concurrent.futures.Future[Reply], timeout: float) -> Reply | None:
@@ -66,10 +67,17 @@ class NodeLink:
             self.health.failed(TimeoutError(f"no reply within {timeout:g} s"))
             return None
         except (PegaFlowError, OSError) as exc:
-            self.health.failed(exc)
+            self._failed(exc)
             return None
         self.health.recovered()
         return reply
+
+    def _failed(self, error: BaseException) -> None:
+        if isinstance(error, IncompatibleVersion):
+            self.health.disable(error)
+            self.close()
+        else:
+            self.health.failed(error)
 
     def close(self) -> None:
         if self._client is not None:

@@ -61,7 +61,15 @@ def frames() -> list[dict]:
     keys = b"".join(chain_keys(ns, list(range(48)), 16))
     seg = 16 * 8 * 2 * 128 * 2
     return [
-        ("hello_request", {"v": 1, "id": 1, "op": "hello", "client": "pegaflow-py/0.1.0"}),
+        (
+            "hello_request",
+            {"v": 1, "id": 1, "op": "hello", "client": "pegaflow-py/0.1.0", "version": "0.1.0"},
+        ),
+        # A client older than the version check sends no `version`; the node still accepts it.
+        (
+            "hello_without_version_request",
+            {"v": 1, "id": 1, "op": "hello", "client": "pegaflow-py/0.1.0"},
+        ),
         (
             "hello_reply",
             {
@@ -69,6 +77,7 @@ def frames() -> list[dict]:
                 "ok": True,
                 "protocol": 1,
                 "node": "pegaflow-node 0.1.0",
+                "version": "0.1.0",
                 "dma": "host",
                 "pool_bytes": 1 << 30,
                 "max_frame_bytes": 8 << 20,

@@ -1,7 +1,8 @@
 """A real vLLM engine on the GPU, driven by tests/test_vllm_gpu.py: one JSON command per stdin
 line, one reply line on stdout (vLLM's own log lines never start with `{`).
 
-The model is a config-only Llama (dummy weights) from scenarios/gpu/vllm/. The engine core runs
+The model is a config-only Llama from scenarios/gpu/vllm/ whose dummy weights are replaced by
+seeded ones of a trained model's scale (`realistic_weights`). The engine core runs
 in this process, so `pegaflow.connector.connector_stats()` sees both connector halves.
 Commands: {"generate": [[token ids], ...], "max_tokens": n} -> {"outputs": [{"tokens": [...],
 "logprobs": [[[token, logprob], ...] per position]}], "stats": [...]}; {"exit": true}.
@@ -10,6 +11,7 @@ Commands: {"generate": [[token ids], ...], "max_tokens": n} -> {"outputs": [{"to
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +52,24 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def realistic_weights(model: Any) -> None:
+    """Replaces vLLM's dummy weights (uniform in +-1e-3, so small that the residual stream is
+    the last token's embedding and attention barely moves the logits) with weights of a
+    trained model's scale, seeded by parameter name so every engine gets the same model: the
+    outputs then depend on every cached token, and a wrong KV byte shows in the logprobs."""
+    import torch
+
+    for name, param in model.named_parameters():
+        seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+        generator = torch.Generator(device=param.device).manual_seed(seed)
+        if param.dim() == 1:  # RMSNorm scales
+            param.data.fill_(1.0)
+            continue
+        std = 1.0 if "embed_tokens" in name else param.shape[-1] ** -0.5
+        values = torch.randn(param.shape, generator=generator, device=param.device)
+        param.data.copy_(values * std)
+
+
 def output_of(result: Any) -> dict[str, Any]:
     completion = result.outputs[0]
     logprobs = [
@@ -80,6 +100,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=args.model_dir, **engine_options(args))
+    llm.apply_model(realistic_weights)
     from pegaflow.connector import connector_stats
 
     print(json.dumps({"ready": True}), flush=True)
