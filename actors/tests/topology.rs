@@ -361,3 +361,24 @@ async fn a_failed_transfer_actor_fails_only_its_job_and_comes_back_with_its_regi
     assert!(!body.contains("rank-2"), "{body}");
     node.shutdown().await;
 }
+
+#[test]
+fn print_topology_shows_the_declared_gpus_on_their_nodes() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pegaflow-node"))
+        .arg("--print-topology")
+        .env("PEGAFLOW_TOPOLOGY__NUMA_NODES", "[0, 1]")
+        .env(
+            "PEGAFLOW_TOPOLOGY__GPUS",
+            r#"[{ uuid = "rank-0", numa_node = 0 }, { uuid = "rank-1", numa_node = 1 }]"#,
+        )
+        .output()
+        .expect("run pegaflow-node");
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).expect("utf-8");
+    assert!(text.starts_with("numa nodes: 0, 1\n"), "{text}");
+    assert!(
+        text.contains("gpu rank-0: numa node 0, host engines (topology.gpus)\n")
+            && text.contains("gpu rank-1: numa node 1, host engines (topology.gpus)\n"),
+        "{text}"
+    );
+}
