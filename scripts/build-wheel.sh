@@ -8,7 +8,7 @@
 # Usage: scripts/build-wheel.sh [--dev]
 #   default: the release profile, the wheel to hand to users
 #   --dev:   cargo's dev profile, what CI builds (scripts/test-wheel.sh): the same code in half
-#            the build time (4.6 against 9.7 CPU-minutes into an empty target dir)
+#            the build time (4.6 against 8.6 CPU-minutes for a first build)
 # Prints the wheel's path on its last line; the wheel is in target/wheels/<profile>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
