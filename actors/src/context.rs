@@ -4,8 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use pegaflow_config::LimitsConfig;
 use ractor::{ActorRef, RpcReplyPort};
 
+use crate::limits::NodeLimits;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::pool::{PoolMsg, PoolStats};
@@ -24,6 +26,8 @@ pub struct NodeContext {
     pub max_page_bytes: u64,
     /// The fabric, when `fabric.enabled`: lookups and loads then cover peers' memory too.
     pub peers: Option<Arc<Peers>>,
+    /// What clients may hold of the node (`limits.*`).
+    pub limits: NodeLimits,
     pub started: Instant,
     draining: AtomicBool,
 }
@@ -47,9 +51,15 @@ impl NodeContext {
             max_frame_bytes,
             max_page_bytes,
             peers,
+            limits: NodeLimits::new(&LimitsConfig::default()),
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// The same context with `limits` instead of the default ones.
+    pub fn with_limits(self, limits: NodeLimits) -> Self {
+        Self { limits, ..self }
     }
 
     /// Stops new work during a graceful shutdown.

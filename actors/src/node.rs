@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
 use crate::context::NodeContext;
+use crate::limits::NodeLimits;
 use crate::metrics::Metrics;
 use crate::peers::{FabricMetrics, Peers};
 use crate::pool::{OwnerId, PoolActor, PoolState};
@@ -235,15 +236,18 @@ async fn start_serving(
         }
         false => None,
     };
-    let ctx = Arc::new(NodeContext::new(
-        pool,
-        transfer,
-        metrics,
-        dma,
-        config.socket.max_frame.0,
-        config.pool.max_page_size.0,
-        peers,
-    ));
+    let ctx = Arc::new(
+        NodeContext::new(
+            pool,
+            transfer,
+            metrics,
+            dma,
+            config.socket.max_frame.0,
+            config.pool.max_page_size.0,
+            peers,
+        )
+        .with_limits(NodeLimits::new(&config.limits)),
+    );
     let (supervisor, _) = Actor::spawn(None, Supervisor, ctx.clone())
         .await
         .map_err(|e| StartError::Spawn("node", e.to_string()))?;

@@ -28,6 +28,7 @@ const SIZE: &str = "a size such as \"64GiB\" or a byte count";
 const ADDR: &str = "a socket address such as \"127.0.0.1:9095\"";
 const MILLIS: &str = "a whole number of milliseconds";
 const TEXT: &str = "a string";
+const COUNT: &str = "a whole number";
 
 const fn key(
     name: &'static str,
@@ -97,6 +98,11 @@ pub(crate) const KEYS: &[Key] = {
             Text,
             "trace, debug, info, warn, error or a filter such as \"pegaflow=debug,info\"",
         ),
+        key("limits.max_sessions", None, Value, COUNT),
+        key("limits.max_regions", None, Value, COUNT),
+        key("limits.max_regions_per_session", None, Value, COUNT),
+        key("limits.max_region_bytes_per_session", None, Text, SIZE),
+        key("limits.max_in_flight_per_session", None, Value, COUNT),
     ]
 };
 

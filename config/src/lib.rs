@@ -27,8 +27,8 @@ pub use args::ConfigArgs;
 pub use error::ConfigError;
 pub use loaded::LoadedConfig;
 pub use node_config::{
-    DmaConfig, DmaEngine, FabricConfig, HttpConfig, LogConfig, NodeConfig, OtlpConfig, PoolConfig,
-    SocketConfig, SsdAdmission, SsdConfig,
+    DmaConfig, DmaEngine, FabricConfig, HttpConfig, LimitsConfig, LogConfig, NodeConfig,
+    OtlpConfig, PoolConfig, SocketConfig, SsdAdmission, SsdConfig,
 };
 pub use origin::Origin;
 pub use size::{Size, SizeParseError};
