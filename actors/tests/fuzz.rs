@@ -219,6 +219,66 @@ proptest! {
         }
     }
 
+    /// A well-formed packed layout is accepted; with one field then set to anything, validation
+    /// still answers without panicking, and whatever it accepts stays inside the region.
+    #[test]
+    fn well_formed_layouts_pass_and_any_change_stays_safe(
+        block_size in 1u32..32,
+        num_kv_heads in 1u32..4,
+        head_dim in 1u32..16,
+        num_layers in 1usize..4,
+        num_blocks in 1u32..8,
+        spare in 0u64..4096,
+        field in 0usize..6,
+        value in any::<u64>(),
+    ) {
+        let segment_bytes = u64::from(block_size * num_kv_heads * head_dim) * 2 * 2;
+        let plane = u64::from(num_blocks) * segment_bytes;
+        let mut req = RegisterRequest {
+            namespace: NamespaceFields {
+                model: "fuzz".into(),
+                dtype: "bf16".into(),
+                layout: "vllm_lbnhc".into(),
+                block_size,
+                num_layers: num_layers as u32,
+                num_kv_heads,
+                head_dim,
+                tp_rank: 0,
+                tp_size: 1,
+                pp_stage: 0,
+            },
+            region: RegionSpec {
+                shm: Some("r".into()),
+                bytes: plane * num_layers as u64 + spare,
+                ..RegionSpec::default()
+            },
+            num_blocks,
+            segment_bytes,
+            layers: (0..num_layers as u64).map(|l| vec![(l * plane, segment_bytes)]).collect(),
+            engine_events: Vec::new(),
+            load_progress: None,
+        };
+        prop_assert!(EngineLayout::validate(&req, u64::MAX).is_ok());
+        let narrow = value as u32;
+        match field {
+            0 => req.namespace.block_size = narrow,
+            1 => req.namespace.head_dim = narrow,
+            2 => req.num_blocks = narrow,
+            3 => req.segment_bytes = value,
+            4 => req.region.bytes = value,
+            _ => req.layers[0][0] = (value, req.layers[0][0].1),
+        }
+        if let Ok(accepted) = EngineLayout::validate(&req, u64::MAX) {
+            let page = accepted.page_bytes();
+            for ops in accepted.plan(&[(req.num_blocks - 1, 0)]) {
+                for op in ops {
+                    prop_assert!(op.region_offset + op.len <= req.region.bytes, "{op:?}");
+                    prop_assert!(op.arena_offset + op.len <= page, "{op:?}");
+                }
+            }
+        }
+    }
+
     /// Any `register` layout: validation answers without panicking (no overflow, however large
     /// the fields), and a layout it accepts fits the page limit and copies only inside the
     /// declared region.
