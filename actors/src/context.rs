@@ -4,8 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use pegaflow_config::LimitsConfig;
 use ractor::{ActorRef, RpcReplyPort};
 
+use crate::limits::NodeLimits;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::pools::{self, Pools};
@@ -27,6 +29,8 @@ pub struct NodeContext {
     pub max_page_bytes: u64,
     /// The fabric, when `fabric.enabled`: lookups and loads then cover peers' memory too.
     pub peers: Option<Arc<Peers>>,
+    /// What clients may hold of the node (`limits.*`).
+    pub limits: NodeLimits,
     pub started: Instant,
     draining: AtomicBool,
 }
@@ -50,6 +54,7 @@ impl NodeContext {
             max_frame_bytes,
             max_page_bytes,
             peers,
+            limits: NodeLimits::new(&LimitsConfig::default()),
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }
@@ -58,6 +63,11 @@ impl NodeContext {
     /// Name of the copy engine in use (`cuda` or `host`), reported by `hello` and stats.
     pub fn dma(&self) -> &'static str {
         self.transfers.dma()
+    }
+
+    /// The same context with `limits` instead of the default ones.
+    pub fn with_limits(self, limits: NodeLimits) -> Self {
+        Self { limits, ..self }
     }
 
     /// Stops new work during a graceful shutdown.

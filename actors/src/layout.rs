@@ -36,8 +36,9 @@ impl Expected {
             return Some(self.segments);
         }
         let tokens = u64::from(block_size);
-        let per_token =
-            self.token_major && tokens > 1 && segment_bytes * tokens == self.segment_bytes;
+        let per_token = self.token_major
+            && tokens > 1
+            && segment_bytes.checked_mul(tokens) == Some(self.segment_bytes);
         per_token.then(|| self.segments * block_size as usize)
     }
 }
@@ -63,17 +64,31 @@ fn expected(req: &RegisterRequest) -> Result<Expected, ProtoError> {
             ns.dtype
         ))
     })?;
-    let per_head = u64::from(ns.block_size) * u64::from(ns.head_dim) * dtype;
-    let heads = u64::from(ns.num_kv_heads);
+    // The fields come from the client: a product that overflows must be refused, not wrapped
+    // (2^31 for each once wrapped to a 0-byte page).
+    let overflow = || {
+        mismatch(format!(
+            "fields `namespace.block_size` ({}), `namespace.num_kv_heads` ({}), \
+             `namespace.head_dim` ({}): one block's bytes overflow 64 bits",
+            ns.block_size, ns.num_kv_heads, ns.head_dim
+        ))
+    };
+    let per_head = u64::from(ns.block_size)
+        .checked_mul(u64::from(ns.head_dim))
+        .and_then(|bytes| bytes.checked_mul(dtype))
+        .ok_or_else(overflow)?;
+    let all_heads = per_head
+        .checked_mul(u64::from(ns.num_kv_heads))
+        .ok_or_else(overflow)?;
     match ns.layout.as_str() {
         "vllm_lbnhc" | "vllm_lbhnc" => Ok(Expected {
             segments: 1,
-            segment_bytes: per_head * heads * 2,
+            segment_bytes: all_heads.checked_mul(2).ok_or_else(overflow)?,
             token_major: ns.layout == "vllm_lbnhc",
         }),
         "kv_split" => Ok(Expected {
             segments: 2,
-            segment_bytes: per_head * heads,
+            segment_bytes: all_heads,
             token_major: true,
         }),
         "mla" if ns.num_kv_heads == 1 => Ok(Expected {
@@ -165,17 +180,19 @@ impl EngineLayout {
             segment_bytes: req.segment_bytes,
             layers: req.layers.clone(),
         };
-        if layout.page_bytes() > max_page_bytes {
-            return Err(ProtoError::new(
+        // Checked here once, so `page_bytes` cannot overflow for a layout that was accepted.
+        let segments = (req.layers.len() as u64).checked_mul(segments_per_layer as u64);
+        match segments.and_then(|n| n.checked_mul(req.segment_bytes)) {
+            Some(page_bytes) if page_bytes <= max_page_bytes => Ok(layout),
+            page_bytes => Err(ProtoError::new(
                 ErrorCode::PageTooLarge,
                 format!(
                     "one block is {} bytes over all layers, above pool.max_page_size {}",
-                    layout.page_bytes(),
+                    page_bytes.map_or_else(|| "more than 2^64".to_owned(), |b| b.to_string()),
                     max_page_bytes
                 ),
-            ));
+            )),
         }
-        Ok(layout)
     }
 
     /// Bytes of one stored block: every layer, every segment.
@@ -316,5 +333,43 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    /// 2^31 for block size, heads and head dim once wrapped to a 0-byte page and was accepted.
+    #[test]
+    fn namespace_sizes_that_overflow_are_refused_naming_the_fields() {
+        for layout in ["vllm_lbnhc", "kv_split"] {
+            let mut req = request(layout, 0, vec![vec![(0, 1)], vec![(0, 1)]]);
+            req.namespace.block_size = 1 << 31;
+            req.namespace.num_kv_heads = 1 << 31;
+            req.namespace.head_dim = 1 << 31;
+            let err = EngineLayout::validate(&req, u64::MAX).unwrap_err();
+            assert_eq!(err.code, ErrorCode::LayoutMismatch, "{layout}");
+            for field in [
+                "`namespace.block_size`",
+                "`namespace.num_kv_heads`",
+                "overflow",
+            ] {
+                assert!(err.message.contains(field), "{layout}: {}", err.message);
+            }
+        }
+    }
+
+    /// A page of more than 2^64 bytes is too large, not wrapped below `pool.max_page_size`.
+    #[test]
+    fn page_bytes_that_overflow_are_too_large() {
+        let mut req = request("vllm_lbnhc", 0, Vec::new());
+        req.namespace.block_size = 1 << 20;
+        req.namespace.head_dim = 1 << 20;
+        req.namespace.num_kv_heads = 1 << 16;
+        req.namespace.num_layers = 64;
+        let segment_bytes = (1u64 << 20) * (1 << 20) * 2 * (1 << 16) * 2; // 2^58; 64 layers: 2^64
+        req.segment_bytes = segment_bytes;
+        req.region.bytes = u64::MAX;
+        req.num_blocks = 1;
+        req.layers = vec![vec![(0, segment_bytes)]; 64];
+        let err = EngineLayout::validate(&req, u64::MAX).unwrap_err();
+        assert_eq!(err.code, ErrorCode::PageTooLarge, "{}", err.message);
+        assert!(err.message.contains("more than 2^64"), "{}", err.message);
     }
 }

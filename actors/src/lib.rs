@@ -13,6 +13,7 @@ pub mod http_holders;
 pub mod http_lookup;
 pub mod keys;
 pub mod layout;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod otlp;

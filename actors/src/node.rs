@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::context::NodeContext;
 use crate::events::EventSink;
+use crate::limits::NodeLimits;
 use crate::metrics::Metrics;
 use crate::peers::{FabricMetrics, Peers};
 use crate::pool::{Extent, OwnerId, PoolActor, PoolState};
@@ -240,15 +241,18 @@ async fn start_serving(
         }
         false => None,
     };
-    let ctx = Arc::new(NodeContext::new(
-        pools,
-        transfers,
-        topology,
-        metrics,
-        config.socket.max_frame.0,
-        config.pool.max_page_size.0,
-        peers,
-    ));
+    let ctx = Arc::new(
+        NodeContext::new(
+            pools,
+            transfers,
+            topology,
+            metrics,
+            config.socket.max_frame.0,
+            config.pool.max_page_size.0,
+            peers,
+        )
+        .with_limits(NodeLimits::new(&config.limits)),
+    );
     let (supervisor, _) = Actor::spawn(None, Supervisor, ctx.clone())
         .await
         .map_err(|e| StartError::Spawn("node", e.to_string()))?;

@@ -111,15 +111,23 @@ fn checksum_pages(arena: &Arena, pages: &[(u64, u64)]) -> Result<Vec<u32>, Trans
     }
     let chunk = pages.len().div_ceil(threads);
     std::thread::scope(|scope| {
+        // A part whose thread the OS refuses (process limits) is checksummed here instead.
         let workers: Vec<_> = pages
             .chunks(chunk)
-            .map(|part| scope.spawn(move || checksum(part)))
+            .map(|part| {
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, move || checksum(part))
+                    .map_err(|_| part)
+            })
             .collect();
         let mut crcs = Vec::with_capacity(pages.len());
         for worker in workers {
-            let part = worker
-                .join()
-                .map_err(|_| TransferError::Worker("checksum thread panicked".into()))??;
+            let part = match worker {
+                Ok(thread) => thread
+                    .join()
+                    .map_err(|_| TransferError::Worker("checksum thread panicked".into()))??,
+                Err(part) => checksum(part)?,
+            };
             crcs.extend(part);
         }
         Ok(crcs)

@@ -118,6 +118,11 @@ pub(crate) const KEYS: &[Key] = {
             Value,
             "a list of tables such as [{ uuid = \"host-gpu-0\", numa_node = 0 }]",
         ),
+        key("limits.max_sessions", None, Value, COUNT),
+        key("limits.max_regions", None, Value, COUNT),
+        key("limits.max_regions_per_session", None, Value, COUNT),
+        key("limits.max_region_bytes_per_session", None, Text, SIZE),
+        key("limits.max_in_flight_per_session", None, Value, COUNT),
     ]
 };
 

@@ -29,8 +29,8 @@ pub use error::ConfigError;
 pub use host_memory::check_pool_fits_memory;
 pub use loaded::LoadedConfig;
 pub use node_config::{
-    DmaConfig, DmaEngine, EventsConfig, FabricConfig, HostGpu, HttpConfig, LogConfig, NodeConfig,
-    OtlpConfig, PoolConfig, SocketConfig, SsdAdmission, SsdConfig, TopologyConfig,
+    DmaConfig, DmaEngine, EventsConfig, FabricConfig, HostGpu, HttpConfig, LimitsConfig, LogConfig,
+    NodeConfig, OtlpConfig, PoolConfig, SocketConfig, SsdAdmission, SsdConfig, TopologyConfig,
 };
 pub use origin::Origin;
 pub use size::{Size, SizeParseError};

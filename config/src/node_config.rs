@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub log: LogConfig,
     /// The host's NUMA nodes and GPUs, when not (only) what the hardware reports.
     pub topology: TopologyConfig,
+    /// What one connection, and all of them together, may hold of the node.
+    pub limits: LimitsConfig,
 }
 
 /// The Unix socket connectors speak the frame protocol on.
@@ -290,4 +292,33 @@ pub struct HostGpu {
     pub uuid: String,
     /// The NUMA node it sits on.
     pub numa_node: u32,
+}
+
+/// Bounds on what clients may hold, so one connection (buggy or hostile) cannot exhaust the
+/// node's files, memory or threads for the others. Each refusal is an error reply naming the key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections open at once; one more is answered with an error and closed.
+    pub max_sessions: u32,
+    /// Engines (KV regions) registered on the node at once, over every connection.
+    pub max_regions: u32,
+    /// Engines one connection may register.
+    pub max_regions_per_session: u32,
+    /// Bytes of KV regions one connection may register, summed over its engines.
+    pub max_region_bytes_per_session: Size,
+    /// `save` and `load` requests of one connection running at once.
+    pub max_in_flight_per_session: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sessions: 256,
+            max_regions: 1024,
+            max_regions_per_session: 64,
+            max_region_bytes_per_session: Size::gib(4096),
+            max_in_flight_per_session: 1024,
+        }
+    }
 }

@@ -113,6 +113,27 @@ pub(crate) fn validate(config: &NodeConfig, sources: &Sources) -> Result<(), Con
         )?;
     }
 
+    let limits = &config.limits;
+    for (key, count) in [
+        ("limits.max_sessions", limits.max_sessions),
+        ("limits.max_regions", limits.max_regions),
+        (
+            "limits.max_regions_per_session",
+            limits.max_regions_per_session,
+        ),
+        (
+            "limits.max_in_flight_per_session",
+            limits.max_in_flight_per_session,
+        ),
+    ] {
+        check(count > 0, key, "a number greater than 0".to_owned())?;
+    }
+    check(
+        limits.max_region_bytes_per_session.bytes() > 0,
+        "limits.max_region_bytes_per_session",
+        "a size greater than 0B".to_owned(),
+    )?;
+
     check(
         config
             .otlp

@@ -32,6 +32,7 @@ LAYOUT_MISMATCH = "layout_mismatch"
 REGION_UNAVAILABLE = "region_unavailable"
 PAGE_TOO_LARGE = "page_too_large"
 UNKNOWN_LEASE = "unknown_lease"
+LIMIT_EXCEEDED = "limit_exceeded"
 SHUTTING_DOWN = "shutting_down"
 INTERNAL = "internal"
 
@@ -50,6 +51,7 @@ ERROR_CODES = frozenset(
         REGION_UNAVAILABLE,
         PAGE_TOO_LARGE,
         UNKNOWN_LEASE,
+        LIMIT_EXCEEDED,
         SHUTTING_DOWN,
         INTERNAL,
     }

@@ -68,32 +68,28 @@ pub enum DmaError {
         source: io::Error,
     },
 
-    /// The engine shrank its region's file below the size it declared at register: a copy found
-    /// no bytes at `at`. The node stays up; the request fails.
+    /// The engine shrank its region's file below the size it declared at register while the
+    /// node had it mapped; a copy touched the lost pages. The node stays up; the mapping no
+    /// longer shows the engine's file, so this and every later copy of the region fail.
     #[error(
-        "shared-memory region {name:?} was shrunk below its declared {declared} bytes \
-         (nothing to copy at offset {at}); the engine must not truncate a registered region"
+        "shared-memory region {name:?} was shrunk below its declared {declared} bytes while \
+         registered; the engine must not truncate a registered region (register it again)"
     )]
     RegionShrunk {
         /// The region's shared-memory name.
         name: String,
-        /// Where the copy found the file's end (or the file's size, when checked before a write).
-        at: u64,
         /// The size declared at register.
         declared: u64,
     },
 
-    /// Reading or writing the region's file failed (the OS refused: no space left, ...).
-    #[error("cannot {what} shared-memory region {name:?} at offset {at}: {source}")]
-    RegionIo {
+    /// The node guards every client file it maps against `SIGBUS`, in a table of fixed size,
+    /// and the table is full.
+    #[error("cannot map shared-memory region {name:?}: the node already guards {most} mappings")]
+    TooManyMappings {
         /// The region's shared-memory name.
         name: String,
-        /// `"read"`, `"write"` or `"stat"`.
-        what: &'static str,
-        /// The offset of the failed call.
-        at: u64,
-        /// What the OS said.
-        source: io::Error,
+        /// The table's size.
+        most: usize,
     },
 
     /// A copy (or an arena read/write) reaches past the end of the region or of the arena.
@@ -147,13 +143,10 @@ pub enum DmaError {
 }
 
 impl DmaError {
-    /// Whether the error is the engine's region failing under a copy (shrunk, or refused by the
-    /// OS) rather than the node: the reply then says the region is unavailable, not `internal`.
+    /// Whether the error is the engine's region failing under a copy (its file shrunk) rather
+    /// than the node: the reply then says the region is unavailable, not `internal`.
     pub fn is_region_fault(&self) -> bool {
-        matches!(
-            self,
-            DmaError::RegionShrunk { .. } | DmaError::RegionIo { .. }
-        )
+        matches!(self, DmaError::RegionShrunk { .. })
     }
 }
 

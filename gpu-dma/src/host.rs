@@ -1,13 +1,11 @@
-//! The host copy engine: engine regions in POSIX shared memory, copies with `preadv`/`pwritev`.
+//! The host copy engine: engine regions in POSIX shared memory, copies with `memcpy`.
 //!
-//! Used where there is no GPU (CI, vLLM CPU). The node never maps an engine's file (see
-//! `region`): a save reads the region's file straight into arena pages, a load writes arena
-//! pages into it, each run of ops that is contiguous in the region being one vectored call. Small
-//! batches run on the calling thread; batches above [`PARALLEL_THRESHOLD_BYTES`] are split into
-//! byte-balanced runs of ops copied on a few scoped threads, because one core cannot saturate
-//! host memory bandwidth.
+//! Used where there is no GPU (CI, vLLM CPU). Small batches run on the calling thread; batches
+//! above [`PARALLEL_THRESHOLD_BYTES`] are split into byte-balanced runs of ops copied on a few
+//! scoped threads, because one core cannot saturate host memory bandwidth. The regions are
+//! mapped under the `SIGBUS` guard (`fault`): a batch that touched pages the engine cut off its
+//! file fails with an error naming the region once it is done.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,10 +23,7 @@ const PARALLEL_THRESHOLD_BYTES: u64 = 8 << 20;
 /// Most threads one batch is split across; more gains little on a host's memory channels.
 const MAX_COPY_THREADS: usize = 4;
 
-/// Most buffers one `preadv`/`pwritev` takes (`IOV_MAX` on Linux).
-const MAX_IOVECS: usize = 1024;
-
-/// Copies between shared-memory engine regions and the pool arena through the regions' files.
+/// Copies between shared-memory engine regions and the pool arena with `memcpy`.
 #[derive(Debug)]
 pub struct HostDmaEngine {
     arena: Arc<Arena>,
@@ -67,49 +62,31 @@ impl HostDmaEngine {
         Ok(total)
     }
 
-    /// Runs `ops` on the current thread, one vectored call per run of ops contiguous in the region.
+    /// Runs `ops` on the current thread.
     ///
     /// # Safety
     /// Every op must have passed [`HostDmaEngine::check_ops`] against this `region`.
-    unsafe fn copy_run(
-        &self,
-        region: &HostRegion,
-        direction: Direction,
-        ops: &[CopyOp],
-    ) -> Result<(), DmaError> {
-        let arena_base = self.arena.base_ptr();
-        let mut rest = ops;
-        while !rest.is_empty() {
-            let (run, later) = rest.split_at(contiguous_run(rest));
-            rest = later;
-            // SAFETY: `check_ops` proved every arena span lies inside the arena's mapping, which
-            // `self` keeps alive for the call. The slices are handed to the kernel only; no Rust
-            // code reads or writes through them while another holds them: concurrent access to
-            // the same arena bytes is excluded by the pool's leases (module docs of `arena`), and
-            // the ops of one batch never share arena bytes (the layout gives each block of each
-            // layer its own span of its own page).
-            let arena_span = |op: &CopyOp| unsafe {
-                std::slice::from_raw_parts_mut(
-                    arena_base.add(op.arena_offset as usize),
-                    op.len as usize,
-                )
-            };
-            match direction {
-                Direction::Save => {
-                    let mut bufs: Vec<IoSliceMut<'_>> = run
-                        .iter()
-                        .map(|op| IoSliceMut::new(arena_span(op)))
-                        .collect();
-                    region.read_at(&mut bufs, run[0].region_offset)?;
-                }
-                Direction::Load => {
-                    let mut bufs: Vec<IoSlice<'_>> =
-                        run.iter().map(|op| IoSlice::new(arena_span(op))).collect();
-                    region.write_at(&mut bufs, run[0].region_offset)?;
-                }
+    unsafe fn copy_run(&self, region: &HostRegion, direction: Direction, ops: &[CopyOp]) {
+        let (region_base, arena_base) = (region.base_ptr(), self.arena.base_ptr());
+        for op in ops {
+            // SAFETY: `check_ops` proved both spans lie inside their mappings, which outlive this
+            // call (`region` is borrowed, the arena is held by `self`). A region page the engine
+            // cut off its file faults, and the guard replaces the mapping with zero pages of the
+            // same size before the access resumes, so the pointers stay valid. The region and the
+            // arena are distinct mappings of distinct files (a memfd cannot be reached through a
+            // name in the shm root, and region opens refuse symlinks), so source and destination
+            // never overlap. Concurrent writers of the same bytes are excluded by the pool's
+            // leases (arena) and the session's ordering (region).
+            unsafe {
+                let region_ptr = region_base.add(op.region_offset as usize);
+                let arena_ptr = arena_base.add(op.arena_offset as usize);
+                let (src, dst) = match direction {
+                    Direction::Save => (region_ptr, arena_ptr),
+                    Direction::Load => (arena_ptr, region_ptr),
+                };
+                std::ptr::copy_nonoverlapping(src, dst, op.len as usize);
             }
         }
-        Ok(())
     }
 }
 
@@ -141,14 +118,14 @@ impl DmaEngine for HostDmaEngine {
         ops: &[CopyOp],
     ) -> Result<(), DmaError> {
         let total = self.check_ops(region, ops)?;
+        region.check_intact()?;
         if total < PARALLEL_THRESHOLD_BYTES || self.threads < 2 || ops.len() < 2 {
             // SAFETY: every op passed `check_ops` above.
-            return unsafe { self.copy_run(region, direction, ops) };
+            unsafe { self.copy_run(region, direction, ops) };
+            return region.check_intact();
         }
         let share = total.div_ceil(self.threads as u64);
         std::thread::scope(|scope| {
-            let mut helpers = Vec::new();
-            let mut mine = Ok(());
             let mut rest = ops;
             while !rest.is_empty() {
                 let run = split_run(rest, share);
@@ -158,22 +135,17 @@ impl DmaEngine for HostDmaEngine {
                 let copy = move || unsafe { self.copy_run(region, direction, now) };
                 if rest.is_empty() {
                     // The last run goes on this thread instead of idling in the join.
-                    mine = mine.and(copy());
-                    continue;
-                }
-                // A thread the OS refuses (process limits) is no failure: the run is copied here.
-                match std::thread::Builder::new().spawn_scoped(scope, copy) {
-                    Ok(helper) => helpers.push(helper),
-                    Err(_) => mine = mine.and(copy()),
+                    copy();
+                } else if std::thread::Builder::new()
+                    .spawn_scoped(scope, copy)
+                    .is_err()
+                {
+                    // A thread the OS refuses (process limits) is no failure: copied here.
+                    copy();
                 }
             }
-            helpers.into_iter().fold(mine, |result, helper| {
-                let theirs = helper
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                result.and(theirs)
-            })
-        })
+        });
+        region.check_intact()
     }
 
     fn end_layer(
@@ -188,21 +160,6 @@ impl DmaEngine for HostDmaEngine {
     fn wait_layer(&self, _region: &HostRegion, end: Instant) -> Result<Instant, DmaError> {
         Ok(end)
     }
-}
-
-/// How many leading ops are contiguous in the region (each starting where the last ended), up to
-/// [`MAX_IOVECS`]: one vectored call copies them.
-fn contiguous_run(ops: &[CopyOp]) -> usize {
-    let mut end = ops[0].region_offset + ops[0].len;
-    let mut run = 1;
-    for op in &ops[1..ops.len().min(MAX_IOVECS)] {
-        if op.region_offset != end {
-            break;
-        }
-        end += op.len;
-        run += 1;
-    }
-    run
 }
 
 /// How many leading ops make up one run of about `share` bytes (at least one op).
@@ -236,22 +193,6 @@ mod tests {
         assert_eq!(split_run(&ops, 1), 1);
         assert_eq!(split_run(&ops, 1000), 8);
         assert_eq!(split_run(&[op(100), op(1)], 50), 1);
-    }
-
-    #[test]
-    fn runs_follow_region_contiguity() {
-        let at = |region_offset, len| CopyOp {
-            region_offset,
-            arena_offset: 0,
-            len,
-        };
-        assert_eq!(
-            contiguous_run(&[at(0, 10), at(10, 5), at(15, 1), at(40, 1)]),
-            3
-        );
-        assert_eq!(contiguous_run(&[at(10, 10), at(0, 10)]), 1);
-        let long: Vec<CopyOp> = (0..3000).map(|i| at(i, 1)).collect();
-        assert_eq!(contiguous_run(&long), MAX_IOVECS);
     }
 
     #[test]

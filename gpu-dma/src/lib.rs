@@ -14,7 +14,8 @@
 //! Modules hold one concept each: [`arena`](Arena) (pool memory), `region` (what a region is and
 //! how a shared-memory one is opened), `engine` (the trait and its op types), `job` (the order in
 //! which a whole save or load drives an engine), `progress` (the board that lets a load be
-//! answered before its layers are enqueued), `host` (the host engine), `cuda` (the CUDA
+//! answered before its layers are enqueued), `fault` (the guard that turns a client shrinking a
+//! mapped file into an error instead of `SIGBUS`), `host` (the host engine), `cuda` (the CUDA
 //! engine, itself split by concept), `numa` (where the arena's pages go), `topology` (the host's
 //! NUMA nodes and GPUs), `error`.
 
@@ -27,6 +28,7 @@ mod arena;
 mod cuda;
 mod engine;
 mod error;
+mod fault;
 mod host;
 mod job;
 mod numa;

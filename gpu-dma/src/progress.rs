@@ -15,19 +15,17 @@
 //! node maps it at register (validated like a shared-memory KV region) and the engine unlinks it
 //! once registered, so no file outlives either process.
 //!
-//! Unlike a KV region the board is mapped: the engine polls its words with atomic loads, so the
-//! node's stores must be single 8-byte stores, which `pwrite` does not promise. An engine that
-//! shrinks its board while registered therefore still faults the node (docs/architecture.md,
-//! "What a client can do to the node").
+//! The mapping is guarded like a KV region's (`fault`): an engine that shrinks its board only
+//! loses its own board (the node's stores then land in private zero pages it never sees).
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::MmapRaw;
 
 use crate::error::DmaError;
-use crate::region::{open_shm_file, DEFAULT_SHM_ROOT};
+use crate::fault::Guarded;
+use crate::region::{map_guarded, open_shm_file, DEFAULT_SHM_ROOT};
 
 /// Set in a slot's word when the load with that ticket failed before recording the slot.
 pub const FAILED: u64 = 1 << 63;
@@ -38,6 +36,8 @@ const WORD_BYTES: u64 = 8;
 /// An engine's board, mapped shared read-write.
 #[derive(Debug)]
 pub struct ProgressBoard {
+    /// Declared before `words`, so it leaves the guard table before the mapping goes.
+    _guard: Guarded,
     words: MmapRaw,
     slots: u32,
 }
@@ -52,16 +52,12 @@ impl ProgressBoard {
 
     fn open_in(root: &Path, name: &str, slots: u32) -> Result<ProgressBoard, DmaError> {
         let bytes = u64::from(slots) * WORD_BYTES;
-        let fd = open_shm_file(root, name, bytes)?;
-        let words = MmapOptions::new()
-            .len(bytes as usize)
-            .map_raw(&File::from(fd))
-            .map_err(|source| DmaError::RegionMap {
-                name: name.to_owned(),
-                bytes,
-                source,
-            })?;
-        let board = ProgressBoard { words, slots };
+        let (words, guard) = map_guarded(open_shm_file(root, name, bytes)?, name, bytes)?;
+        let board = ProgressBoard {
+            _guard: guard,
+            words,
+            slots,
+        };
         (0..slots).for_each(|slot| board.store(slot, 0));
         Ok(board)
     }
@@ -156,5 +152,33 @@ mod tests {
         );
         let named = ProgressBoard::open_in(dir.path(), "../board", 1).unwrap_err();
         assert!(matches!(named, DmaError::BadRegionName { .. }), "{named}");
+    }
+
+    /// An engine that shrinks its board only loses its own board: the node's stores land in
+    /// private pages (with the board mapped unguarded, this test died of SIGBUS).
+    #[test]
+    fn a_shrunk_board_never_faults_the_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        board_file(&dir, 4 * WORD_BYTES);
+        let board = ProgressBoard::open_in(dir.path(), "board", 4).expect("open");
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("board"))
+            .expect("open file")
+            .set_len(0)
+            .expect("shrink");
+        board.arm(3, 9);
+        board.fail(0, 9);
+        assert_eq!(
+            board.read(3),
+            Some(9),
+            "the node's own view after the fault"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join("board"))
+                .expect("stat")
+                .len(),
+            0
+        );
     }
 }

@@ -2,27 +2,26 @@
 //!
 //! On GPU hosts the region is CUDA memory opened by IPC. On hosts without a GPU (CI, vLLM CPU)
 //! the connector creates a POSIX shared-memory file under `/dev/shm` holding the engine's KV
-//! cache and sends its name and size at register time; the host engine opens it here.
+//! cache and sends its name and size at register time; the host engine maps it here.
 //!
 //! The name comes from another process, so it is validated before it touches a path: it must name
 //! a single entry directly in the shm root. The file is opened without following symlinks and must
 //! be a regular file, so a planted link cannot make the node write somewhere else.
 //!
-//! The node never maps an engine's KV file. The engine owns the file and can shrink it at any
-//! time (`ftruncate`); touching a mapped page past the new end raises `SIGBUS`, which would kill
-//! the node and every other engine's cache service with it. The host engine therefore moves bytes
-//! with `preadv`/`pwritev` on the file descriptor: a shrunk file gives a short read, which is an
-//! error naming the region ([`DmaError::RegionShrunk`]), never a signal.
+//! The engine owns the file and can shrink it at any time (`ftruncate`); touching a mapped
+//! page past the new end raises `SIGBUS`. Every mapping of a client's file is therefore
+//! guarded (`fault`): such a fault detaches the mapping from the file, and the copy that hit it
+//! fails with [`DmaError::RegionShrunk`] naming the region, instead of killing the node.
 
 use std::fs::File;
-use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
+use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::{fstat, open, FileType, Mode, OFlags};
-use rustix::io::Errno;
 
 use crate::error::DmaError;
+use crate::fault::Guarded;
 
 /// Where an engine's KV bytes live, as the connector described them at register time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,28 +67,30 @@ impl RegionSource {
     }
 }
 
-/// An engine's shared-memory KV region: the open file, read and written at offsets.
+/// An engine's shared-memory KV region, mapped read-write into the node and guarded.
 ///
-/// The file is closed when the region is dropped (when the session unregisters the engine). The
-/// engine process maps the same file and writes it concurrently; copies from a region are only
-/// meaningful for blocks the engine has finished writing, which the session guarantees by
-/// ordering. The node holds no mapping of it (see the module docs), so whatever the engine does
-/// to the file costs the node at most an error reply.
+/// The mapping is unmapped when the region is dropped (when the session unregisters the engine).
+/// The engine process maps the same file and writes it concurrently; copies from a region are
+/// only meaningful for blocks the engine has finished writing, which the session guarantees by
+/// ordering.
 #[derive(Debug)]
 pub struct HostRegion {
     name: String,
-    file: File,
+    /// Declared before `map`, so it leaves the guard table before the mapping goes.
+    guard: Guarded,
+    map: MmapRaw,
     bytes: u64,
 }
 
 impl HostRegion {
-    /// Opens `root/<name>`, which must hold at least `bytes` bytes.
+    /// Opens `root/<name>` and maps its first `bytes` bytes shared read-write, guarded.
     pub(crate) fn open(root: &Path, name: &str, bytes: u64) -> Result<HostRegion, DmaError> {
-        let fd = open_shm_file(root, name, bytes)?;
-        tracing::debug!(region = name, bytes, "opened shared-memory region");
+        let (map, guard) = map_guarded(open_shm_file(root, name, bytes)?, name, bytes)?;
+        tracing::debug!(region = name, bytes, "mapped shared-memory region");
         Ok(HostRegion {
             name: name.to_owned(),
-            file: File::from(fd),
+            guard,
+            map,
             bytes,
         })
     }
@@ -99,81 +100,46 @@ impl HostRegion {
         &self.name
     }
 
-    /// The size in bytes the connector declared; copies are bounds-checked against it.
+    /// The mapped size in bytes (the size the connector declared).
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    /// Fills `bufs` from the region starting at `offset`. A read that ends early means the
-    /// engine shrank its file: [`DmaError::RegionShrunk`].
-    pub(crate) fn read_at(
-        &self,
-        mut bufs: &mut [IoSliceMut<'_>],
-        offset: u64,
-    ) -> Result<(), DmaError> {
-        let mut at = offset;
-        while !bufs.is_empty() {
-            let n = match rustix::io::preadv(&self.file, bufs, at) {
-                Ok(0) => return Err(self.shrunk(at)),
-                Ok(n) => n,
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(self.io_error("read", at, e)),
-            };
-            at += n as u64;
-            IoSliceMut::advance_slices(&mut bufs, n);
+    /// The first byte of the mapping; the engines bounds-check against [`HostRegion::bytes`].
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    /// Fails with [`DmaError::RegionShrunk`] once a copy touched a page the engine cut off its
+    /// file: the mapping holds zeros now, not the engine's bytes, for good.
+    pub(crate) fn check_intact(&self) -> Result<(), DmaError> {
+        if self.guard.faulted() {
+            return Err(DmaError::RegionShrunk {
+                name: self.name.clone(),
+                declared: self.bytes,
+            });
         }
         Ok(())
     }
+}
 
-    /// Writes `bufs` into the region starting at `offset`, after checking that the file still
-    /// holds the declared size. A file the engine shrinks during the write grows back (the
-    /// engine's own doing); the node is never hurt by it.
-    pub(crate) fn write_at(
-        &self,
-        mut bufs: &mut [IoSlice<'_>],
-        offset: u64,
-    ) -> Result<(), DmaError> {
-        self.check_size()?;
-        let mut at = offset;
-        while !bufs.is_empty() {
-            let n = match rustix::io::pwritev(&self.file, bufs, at) {
-                Ok(0) => return Err(self.shrunk(at)),
-                Ok(n) => n,
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(self.io_error("write", at, e)),
-            };
-            at += n as u64;
-            IoSlice::advance_slices(&mut bufs, n);
-        }
-        Ok(())
-    }
-
-    /// Fails with [`DmaError::RegionShrunk`] when the file is now shorter than declared.
-    fn check_size(&self) -> Result<(), DmaError> {
-        let stat = fstat(&self.file).map_err(|e| self.io_error("stat", 0, e))?;
-        let actual = stat.st_size.max(0) as u64;
-        if actual < self.bytes {
-            return Err(self.shrunk(actual));
-        }
-        Ok(())
-    }
-
-    fn shrunk(&self, at: u64) -> DmaError {
-        DmaError::RegionShrunk {
-            name: self.name.clone(),
-            at,
-            declared: self.bytes,
-        }
-    }
-
-    fn io_error(&self, what: &'static str, at: u64, errno: Errno) -> DmaError {
-        DmaError::RegionIo {
-            name: self.name.clone(),
-            what,
-            at,
-            source: errno.into(),
-        }
-    }
+/// Maps the first `bytes` bytes of `fd` shared read-write and lists the mapping in the
+/// `SIGBUS` guard; `name` is for errors.
+pub(crate) fn map_guarded(
+    fd: OwnedFd,
+    name: &str,
+    bytes: u64,
+) -> Result<(MmapRaw, Guarded), DmaError> {
+    let map = MmapOptions::new()
+        .len(bytes as usize)
+        .map_raw(&File::from(fd))
+        .map_err(|source| DmaError::RegionMap {
+            name: name.to_owned(),
+            bytes,
+            source,
+        })?;
+    let guard = Guarded::new(map.as_mut_ptr(), map.len(), name)?;
+    Ok((map, guard))
 }
 
 /// Opens the shared-memory object `root/<name>` read-write after validating the name, and checks

@@ -227,8 +227,8 @@ fn real_dev_shm_region() {
 }
 
 /// An engine that shrinks its registered file (`ftruncate`) fails its own copies with an error
-/// naming the region; the node's process is never signalled, and a region left intact still
-/// copies. With a mapped region this test died of SIGBUS.
+/// naming the region; the node's process survives the SIGBUS, and a region left intact still
+/// copies. Before the guard this test died of SIGBUS.
 #[test]
 fn a_shrunk_region_fails_copies_without_a_signal() {
     let root = Path::new("/dev/shm");
@@ -237,7 +237,7 @@ fn a_shrunk_region_fails_copies_without_a_signal() {
     let root = if root.is_dir() { root } else { dir.path() };
     let name = format!("pegaflow-test-{:016x}", rand::rng().random::<u64>());
     let _guard = ShmFile(root.join(&name));
-    let bytes = 64 << 10;
+    let bytes = 9 << 20;
     random_region_file(root, &name, bytes as usize);
     let intact_data = random_region_file(dir.path(), "intact", bytes as usize);
 
@@ -253,11 +253,14 @@ fn a_shrunk_region_fails_copies_without_a_signal() {
         .unwrap()
         .set_len(0)
         .unwrap();
-    let ops = [CopyOp {
-        region_offset: 4096,
-        arena_offset: 0,
-        len: 8192,
-    }];
+    // 9 MiB in 64 KiB ops: a batch split over threads, each of which faults.
+    let ops: Vec<CopyOp> = (0..144)
+        .map(|i| CopyOp {
+            region_offset: i * (64 << 10),
+            arena_offset: i * (64 << 10),
+            len: 64 << 10,
+        })
+        .collect();
     for direction in [Direction::Save, Direction::Load] {
         let err = engine.copy_layer(&region, direction, &ops).unwrap_err();
         assert!(

@@ -22,6 +22,7 @@ pub enum ErrorCode {
     RegionUnavailable,
     PageTooLarge,
     UnknownLease,
+    LimitExceeded,
     ShuttingDown,
     Internal,
 }
@@ -43,6 +44,7 @@ impl ErrorCode {
             ErrorCode::RegionUnavailable => "region_unavailable",
             ErrorCode::PageTooLarge => "page_too_large",
             ErrorCode::UnknownLease => "unknown_lease",
+            ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
         }

@@ -136,6 +136,27 @@ fn bad_requests_name_the_problem() {
         assert_eq!(err.id, None);
     }
 
+    // The id is echoed when `v` or `op` is malformed but the id itself is readable.
+    for (v, op) in [("1".into(), "stats".into()), (1.into(), 5.into())] {
+        let frame = map(vec![("v", v), ("id", 41.into()), ("op", op)]);
+        let err = decode_request(&encode(frame)).expect_err("malformed header");
+        assert_eq!(err.id, Some(41), "{}", err.error.message);
+        assert_eq!(err.error.code, ErrorCode::BadField);
+    }
+
+    // 0xc1 is no msgpack value: the frame is bad, whichever field it sits in.
+    let mut reserved = encode(map(vec![
+        ("v", 1.into()),
+        ("id", 3.into()),
+        ("op", "stats".into()),
+    ]));
+    let at = reserved.len() - "stats".len() - 1;
+    reserved.truncate(at);
+    reserved.push(0xc1);
+    let err = decode_request(&reserved).expect_err("0xc1");
+    assert_eq!(err.error.code, ErrorCode::BadFrame, "{}", err.error.message);
+    assert!(err.error.message.contains("0xc1"), "{}", err.error.message);
+
     let mut keys_as_str = base();
     keys_as_str.extend([("op", "lookup".into()), ("keys", "x".repeat(32).into())]);
     let err = decode_request(&encode(map(keys_as_str))).expect_err("str keys");

@@ -150,10 +150,19 @@ pub struct RejectedRequest {
     pub error: ProtoError,
 }
 
+/// Just the `id`, for echoing it when another header field is malformed.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<u64>,
+}
+
 /// Decodes one frame payload into `(id, request)`.
 pub fn decode_request(payload: &[u8]) -> Result<(u64, Request), RejectedRequest> {
-    let header: Header =
-        decode_map(payload).map_err(|error| RejectedRequest { id: None, error })?;
+    let header: Header = decode_map(payload).map_err(|error| RejectedRequest {
+        // A `v` or `op` of the wrong type fails the header; the id may still be readable.
+        id: decode_map::<IdOnly>(payload).ok().and_then(|only| only.id),
+        error,
+    })?;
     let reject = |error: ProtoError| RejectedRequest {
         id: header.id,
         error,
@@ -211,6 +220,13 @@ pub(crate) fn decode_map<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Proto
                 ErrorCode::BadFrame,
                 format!("payload is not a complete msgpack map: {inner}"),
             ),
+            // 0xc1 is never used by msgpack: a corrupt stream, not a field of the wrong type.
+            rmp_serde::decode::Error::TypeMismatch(marker) if marker.to_u8() == 0xc1 => {
+                ProtoError::new(
+                    ErrorCode::BadFrame,
+                    format!("payload is not msgpack: the never-used marker 0xc1 at `{path}`"),
+                )
+            }
             _ if path == "." => {
                 let code = if inner.to_string().contains("missing field") {
                     ErrorCode::BadField

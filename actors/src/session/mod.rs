@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::context::NodeContext;
 use crate::keys::BlockKey;
 use crate::layout::EngineLayout;
+use crate::limits::{Held, SessionLimits};
 use crate::pool::OwnerId;
 use crate::protocol::{
     decode_request, encode_frame, encode_reply, read_frame, ErrorCode, FrameError, ProtoError,
@@ -38,6 +39,9 @@ pub struct Engine {
     pub namespace: BlockKey,
     /// How many `engine_events` the engine registered: a save's `after_events` index them.
     pub engine_events: u32,
+    /// What the engine counts against the limits (node and session regions, session bytes);
+    /// given back when the session and the engine's last job let go of it.
+    pub held: Vec<Held>,
 }
 
 /// Messages a session handles.
@@ -63,6 +67,9 @@ pub struct SessionState {
     engines: HashMap<u32, Arc<Engine>>,
     next_engine: u32,
     reader: JoinHandle<()>,
+    limits: SessionLimits,
+    /// This connection's place under `limits.max_sessions`.
+    _connection: Held,
 }
 
 /// The session actor.
@@ -78,6 +85,10 @@ impl Actor for SessionActor {
         myself: ActorRef<SessionMsg>,
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
+        let connection = match args.ctx.limits.sessions.take(1) {
+            Ok(held) => held,
+            Err(error) => return Err(refuse_connection(args.stream, args.id, error).await),
+        };
         let (read_half, write_half) = args.stream.into_split();
         let replies = ReplySink::new(write_half);
         let reader = tokio::spawn(read_frames(
@@ -89,6 +100,7 @@ impl Actor for SessionActor {
         ));
         args.ctx.metrics.sessions.inc();
         tracing::info!(session = args.id, "session opened");
+        let limits = args.ctx.limits.session();
         Ok(SessionState {
             id: args.id,
             ctx: args.ctx,
@@ -96,6 +108,8 @@ impl Actor for SessionActor {
             engines: HashMap::new(),
             next_engine: 1,
             reader,
+            limits,
+            _connection: connection,
         })
     }
 
@@ -118,10 +132,26 @@ impl Actor for SessionActor {
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
         state.reader.abort();
+        // The engines' limit shares go back before the regions close, so once the node shows
+        // the regions closed (stats) their room under the limits is free too.
+        state.engines.clear();
         release_session(&state.ctx, state.id);
         tracing::info!(session = state.id, "session closed");
         Ok(())
     }
+}
+
+/// Answers a connection over `limits.max_sessions` with the error, then closes it.
+async fn refuse_connection(
+    mut stream: UnixStream,
+    id: OwnerId,
+    error: ProtoError,
+) -> ActorProcessingErr {
+    tracing::warn!(session = id, message = %error.message, "connection refused");
+    if let Ok(frame) = encode_frame(&encode_reply(None, &Err(error.clone()))) {
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &frame).await;
+    }
+    error.message.into()
 }
 
 /// Returns everything a session held: its lookup leases and its engines' regions. Also called
@@ -159,11 +189,17 @@ async fn handle_frame(state: &mut SessionState, payload: &[u8], arrived: Instant
         }
         Request::Lookup(req) => responder.send(ops::lookup::handle(state, req).await).await,
         Request::Save(req) => match ops::prepare_blocks(state, req) {
-            Ok(job) => drop(tokio::spawn(responder.send_when(ops::save::run(job)))),
+            Ok((job, running)) => drop(tokio::spawn(async move {
+                responder.send_when(ops::save::run(job)).await;
+                drop(running);
+            })),
             Err(error) => responder.send(Err(error)).await,
         },
         Request::Load(req) => match ops::prepare_blocks(state, req) {
-            Ok(job) => drop(tokio::spawn(responder.send_when(ops::load::run(job)))),
+            Ok((job, running)) => drop(tokio::spawn(async move {
+                responder.send_when(ops::load::run(job)).await;
+                drop(running);
+            })),
             Err(error) => responder.send(Err(error)).await,
         },
         Request::Release(req) => responder.send(ops::release::handle(state, req).await).await,

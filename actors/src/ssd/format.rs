@@ -239,6 +239,12 @@ pub fn decode_trailer(bytes: &[u8], file_len: u64) -> Option<Trailer> {
     fits.then_some(trailer)
 }
 
+/// Whether `bytes` (the last [`TRAILER_BYTES`] of a segment) begin like a trailer, checksums
+/// aside: the segment was sealed, so damage before it is its footer's.
+pub fn is_trailer(bytes: &[u8]) -> bool {
+    bytes.starts_with(FOOTER_MAGIC)
+}
+
 /// Parses the footer entries a trailer points at.
 pub fn decode_entries(bytes: &[u8], trailer: &Trailer) -> Result<Vec<RecordEntry>, FormatError> {
     if crc32c::crc32c(bytes) != trailer.entries_crc {

@@ -160,7 +160,7 @@ impl SsdTier {
         shared
             .metrics
             .ssd_checksum_failures_total
-            .inc_by(recovered.damaged_records);
+            .inc_by(recovered.damaged_records + recovered.damaged_footers);
         shared.publish();
         let writer = Writer::new(
             shared.clone(),

@@ -155,28 +155,41 @@ pub struct Scan {
     pub skipped: Vec<(u64, format::FormatError)>,
     /// Why the scan ended before the end of the file: a record running past it (a torn tail).
     pub stopped: Option<(u64, format::FormatError)>,
+    /// Where a footer that failed its checksums starts: the unreadable bytes after the last
+    /// record, up to the end of the file. One damaged footer, not one damaged record per block.
+    pub damaged_footer: Option<u64>,
 }
 
 /// Reads every record of a segment that has no footer. Each record is self-checking (header
 /// checksum, data checksum), so one that fails is skipped and the scan goes on: a flipped byte
 /// in one record must not cost the acknowledged records after it. Where a header cannot be
 /// read the next record can only start at a later alignment boundary, so the scan steps on by
-/// one alignment unit; a record that runs past the end of the file ends the scan.
+/// one alignment unit; a record that runs past the end of the file ends the scan. Unreadable
+/// blocks that follow each other are one damaged stretch, reported once (a record whose header
+/// is damaged spans as many blocks as its data), and a damaged stretch that runs from after the
+/// last record to the end of the file is the footer of a sealed segment whose footer failed its
+/// checksums.
 pub fn scan(file: &File, file_len: u64) -> io::Result<Scan> {
     let mut scan = Scan {
         entries: Vec::new(),
         valid_end: 0,
         skipped: Vec::new(),
         stopped: None,
+        damaged_footer: None,
     };
     let mut at = 0;
+    // Where the last damaged stretch ends; a damaged block there continues it.
+    let mut damage_end = None;
     while at + ALIGN <= file_len {
         let first = read_aligned(file, at, ALIGN)?;
         let header = match format::decode_header(first.as_slice()) {
             Ok(header) => header,
             Err(error) => {
                 if !is_blank(first.as_slice()) {
-                    scan.skipped.push((at, error));
+                    if damage_end != Some(at) {
+                        scan.skipped.push((at, error));
+                    }
+                    damage_end = Some(at + ALIGN);
                 }
                 at += ALIGN;
                 continue;
@@ -202,9 +215,24 @@ pub fn scan(file: &File, file_len: u64) -> io::Result<Scan> {
                 });
                 scan.valid_end = at + bytes;
             }
-            Err(error) => scan.skipped.push((at, error)),
+            Err(error) => {
+                scan.skipped.push((at, error));
+                damage_end = Some(at + bytes);
+            }
         }
         at += bytes;
+    }
+    let trailing = scan.skipped.last().filter(|(start, error)| {
+        *start >= scan.valid_end
+            && *error == format::FormatError::Magic
+            && damage_end == Some(file_len)
+    });
+    if let Some(&(start, _)) = trailing {
+        let last = read_aligned(file, file_len - ALIGN, ALIGN)?;
+        if format::is_trailer(&last.as_slice()[(ALIGN - TRAILER_BYTES) as usize..]) {
+            scan.skipped.pop();
+            scan.damaged_footer = Some(start);
+        }
     }
     Ok(scan)
 }
@@ -305,6 +333,42 @@ mod tests {
             entries[0].offset + record_bytes(entries[0].len)
         );
         assert!(cut.stopped.is_some());
+    }
+
+    /// One flipped byte in a footer used to be counted as one damaged record per footer block.
+    #[test]
+    fn a_damaged_footer_is_one_damaged_footer_and_its_records_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = create(dir.path(), 3, false).expect("create");
+        let mut entries = write_records(&file, 4);
+        let end = entries[3].offset + record_bytes(entries[3].len);
+        // Enough entries for a footer of several blocks (each entry points at a real record).
+        let many: Vec<RecordEntry> = (0..400).map(|i| entries[i % 4]).collect();
+        let sealed_len = seal(&file, &many, end).expect("seal");
+        assert!(sealed_len - end > 4 * ALIGN, "a multi-block footer");
+        for flip in [end + 100, sealed_len - 40] {
+            let mut byte = [0u8];
+            file.read_exact_at(&mut byte, flip).expect("read");
+            file.write_all_at(&[byte[0] ^ 0x10], flip).expect("flip");
+            match contents(&file, sealed_len).expect("contents") {
+                Contents::Unsealed(scan) => {
+                    assert_eq!(scan.entries, entries, "flip at {flip}");
+                    assert_eq!(scan.damaged_footer, Some(end), "flip at {flip}");
+                    assert!(scan.skipped.is_empty(), "{:?}", scan.skipped);
+                }
+                other => panic!("flip at {flip}: {other:?}"),
+            }
+            file.write_all_at(&byte, flip).expect("restore");
+        }
+        // A damaged header of the last record of a segment without a footer is one damaged
+        // record, however many blocks its data spans, and no footer.
+        file.write_all_at(&[0xff; 8], entries[3].offset)
+            .expect("smash header");
+        let scan = scan(&file, end).expect("scan");
+        entries.pop();
+        assert_eq!(scan.entries, entries);
+        assert_eq!(scan.skipped.len(), 1, "{:?}", scan.skipped);
+        assert_eq!(scan.damaged_footer, None);
     }
 
     #[test]

@@ -18,12 +18,21 @@ use tokio::net::TcpStream;
 
 /// A node on a fresh socket with a `pool_mib` MiB pool; its temp dir lives as long as it.
 pub async fn node(pool_mib: u64) -> (RunningNode, tempfile::TempDir) {
+    node_with(pool_mib, |_| {}).await
+}
+
+/// [`node`], with `tweak` applied to its config before it starts.
+pub async fn node_with(
+    pool_mib: u64,
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> (RunningNode, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = NodeConfig::default();
     config.socket.path = dir.path().join("node.sock");
     config.http.addr = "127.0.0.1:0".parse().expect("addr");
     config.pool.size = Size::mib(pool_mib);
     config.pool.max_page_size = Size::mib(pool_mib.min(64));
+    tweak(&mut config);
     (start(&config).await.expect("node starts"), dir)
 }
 

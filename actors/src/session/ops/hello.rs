@@ -9,11 +9,11 @@ use crate::protocol::{HelloReply, HelloRequest, ProtoError, ReplyBody, PROTOCOL_
 pub fn handle(ctx: &NodeContext, req: &HelloRequest) -> Result<ReplyBody, ProtoError> {
     if let Some(version) = &req.version {
         if let Err(error) = check_client_version(version) {
-            tracing::warn!(client = %req.client, "hello refused: {}", error.message);
+            tracing::warn!(client = %loggable(&req.client), "hello refused: {}", error.message);
             return Err(error);
         }
     }
-    tracing::info!(client = %req.client, version = req.version.as_deref(), "hello");
+    tracing::info!(client = %loggable(&req.client), version = req.version.as_deref(), "hello");
     Ok(ReplyBody::Hello(HelloReply {
         protocol: PROTOCOL_VERSION,
         node: format!("pegaflow-node {PACKAGE_VERSION}"),
@@ -22,4 +22,45 @@ pub fn handle(ctx: &NodeContext, req: &HelloRequest) -> Result<ReplyBody, ProtoE
         pool_bytes: ctx.metrics.pool_capacity_bytes.get().max(0) as u64,
         max_frame_bytes: ctx.max_frame_bytes,
     }))
+}
+
+/// Most characters of a client's free text that go into a log line.
+const LOGGED_CHARS: usize = 128;
+
+/// A client's free text as it may appear in a log: control characters (a newline would forge a
+/// log line) escaped, and cut to [`LOGGED_CHARS`] with the full length noted.
+fn loggable(text: &str) -> String {
+    let mut shown: String = text
+        .chars()
+        .take(LOGGED_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    let chars = text.chars().count();
+    if chars > LOGGED_CHARS {
+        shown.push_str(&format!("... ({chars} characters)"));
+    }
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_text_is_escaped_and_cut_for_logs() {
+        assert_eq!(loggable("vllm 0.26"), "vllm 0.26");
+        let forged = loggable("x\nINFO pegaflow: forged line\u{1b}[31m");
+        assert!(
+            !forged.contains('\n') && !forged.contains('\u{1b}'),
+            "{forged}"
+        );
+        assert!(forged.starts_with("x\\nINFO"), "{forged}");
+        let long = loggable(&"é".repeat(100_000));
+        assert!(
+            long.ends_with("... (100000 characters)"),
+            "{}",
+            &long[long.len() - 40..]
+        );
+        assert!(long.chars().count() < 200, "{}", long.len());
+    }
 }

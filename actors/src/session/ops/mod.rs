@@ -14,6 +14,7 @@ use std::sync::Arc;
 use super::{Engine, SessionState};
 use crate::context::NodeContext;
 use crate::keys::{split_keys, BlockKey, KEY_BYTES};
+use crate::limits::Held;
 use crate::protocol::{BlocksRequest, ErrorCode, ProtoError};
 
 /// Splits a `keys` field, naming the field when its length is not whole keys.
@@ -44,8 +45,13 @@ pub struct BlocksJob {
 }
 
 /// The checks `save` and `load` share, run in order with the session's other ops: a
-/// registered engine, whole keys, one block id per key, every block id inside the region.
-pub fn prepare_blocks(state: &SessionState, req: BlocksRequest) -> Result<BlocksJob, ProtoError> {
+/// registered engine, whole keys, one block id per key, every block id inside the region, and
+/// room under `limits.max_in_flight_per_session` (the returned [`Held`] is that room, to keep
+/// until the reply is sent).
+pub fn prepare_blocks(
+    state: &SessionState,
+    req: BlocksRequest,
+) -> Result<(BlocksJob, Held), ProtoError> {
     let engine = state.engines.get(&req.engine).cloned().ok_or_else(|| {
         ProtoError::new(
             ErrorCode::NotRegistered,
@@ -68,7 +74,8 @@ pub fn prepare_blocks(state: &SessionState, req: BlocksRequest) -> Result<Blocks
     }
     engine.layout.check_blocks(&req.block_ids)?;
     check_after_events(&engine, &req.after_events)?;
-    Ok(BlocksJob {
+    let running = state.limits.in_flight.take(1)?;
+    let job = BlocksJob {
         ctx: state.ctx.clone(),
         engine,
         keys,
@@ -76,7 +83,8 @@ pub fn prepare_blocks(state: &SessionState, req: BlocksRequest) -> Result<Blocks
         persist: req.persist,
         after_events: req.after_events,
         answer_when_queued: req.answer_when_queued,
-    })
+    };
+    Ok((job, running))
 }
 
 /// `after_events` is absent, or names one registered engine event per layer.

@@ -88,6 +88,12 @@ pub async fn handle(
     let layout = EngineLayout::validate(&req, state.ctx.max_page_bytes)?;
     let source = region_source(&req.region, &req.engine_events)?;
     let progress = progress_board(&source, req.load_progress.as_deref())?;
+    // Taken before the region is opened, so a refused engine never costs the node a file.
+    let held = vec![
+        state.limits.regions.take(1)?,
+        state.limits.region_bytes.take(req.region.bytes)?,
+        state.ctx.limits.regions.take(1)?,
+    ];
     let owner = state.id;
     let cuda_ipc = matches!(source, RegionSource::CudaIpc { .. });
     let transfer = state
@@ -114,6 +120,7 @@ pub async fn handle(
             region: opened.id,
             namespace,
             engine_events: req.engine_events.len() as u32,
+            held,
         }),
     );
     tracing::info!(session = state.id, engine, model = %req.namespace.model, page_bytes, device = %transfer.device, "engine registered");
