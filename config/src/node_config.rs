@@ -235,9 +235,9 @@ pub struct EventsConfig {
     pub topic: String,
     /// Batches kept for replay.
     pub replay_buffer: u64,
-    /// Most events in one batch.
+    /// Blocks after which a batch is closed (one event is never split).
     pub batch_max: u64,
-    /// Longest an event waits for its batch to fill before the batch is sent anyway.
+    /// How often the publisher collects the queued changes into batches and sends them.
     pub flush_ms: u64,
 }
 

@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use pegaflow_config::EventsConfig;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::time::MissedTickBehavior;
 use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use super::batch::{encode_batch, KvEvent};
@@ -113,7 +114,8 @@ struct Publisher {
 
 impl Publisher {
     /// Runs until every sink is gone (the pool and the SSD tier stopped), then sends what is
-    /// pending.
+    /// pending. The queue is drained on a timer, never awaited: a task waiting on it would be
+    /// woken by every change the pool queues, a cross-thread wake-up per evicted block.
     async fn run(
         mut self,
         mut events: mpsc::Receiver<KvEvent>,
@@ -121,33 +123,14 @@ impl Publisher {
         flush: Duration,
     ) {
         self.send_batch(vec![KvEvent::Cleared]).await;
-        let mut pending = Vec::new();
-        let mut weight = 0;
-        // When the oldest pending event must go out; none while nothing is pending.
-        let mut deadline: Option<Instant> = None;
+        let mut tick = tokio::time::interval(flush);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let due = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                event = events.recv() => match event {
-                    Some(event) => {
-                        deadline.get_or_insert_with(|| Instant::now() + flush);
-                        weight += event.weight();
-                        merge_into(&mut pending, event);
-                        if weight >= self.batch_max {
-                            self.send_batch(std::mem::take(&mut pending)).await;
-                            (weight, deadline) = (0, None);
-                        }
+                _ = tick.tick() => {
+                    if !self.drain(&mut events).await {
+                        return;
                     }
-                    None => break,
-                },
-                () = due => {
-                    self.send_batch(std::mem::take(&mut pending)).await;
-                    (weight, deadline) = (0, None);
                 }
                 request = recv_replay(&mut replay) => match request {
                     Ok(request) => {
@@ -159,9 +142,31 @@ impl Publisher {
                 },
             }
         }
+    }
+
+    /// Sends everything queued, in batches of about `batch_max` blocks; false once every sink
+    /// is gone.
+    async fn drain(&mut self, events: &mut mpsc::Receiver<KvEvent>) -> bool {
+        let mut pending = Vec::new();
+        let mut weight = 0;
+        let open = loop {
+            match events.try_recv() {
+                Ok(event) => {
+                    weight += event.weight();
+                    merge_into(&mut pending, event);
+                    if weight >= self.batch_max {
+                        self.send_batch(std::mem::take(&mut pending)).await;
+                        weight = 0;
+                    }
+                }
+                Err(TryRecvError::Empty) => break true,
+                Err(TryRecvError::Disconnected) => break false,
+            }
+        };
         if !pending.is_empty() {
             self.send_batch(pending).await;
         }
+        open
     }
 
     /// Numbers, encodes, publishes and keeps one batch.
