@@ -96,7 +96,10 @@ class PegaKVConnector(KVConnectorBase_V1):
                 raise UnsupportedLayout("pipeline parallelism is not supported yet")
             if kv_cache_config is None:
                 raise UnsupportedLayout("this vLLM passes no kv_cache_config (needs >= 0.26)")
-            return shape_of_config(kv_cache_config, current_platform.is_cpu())
+            cache_dtype = vllm_config.cache_config.cache_dtype
+            if cache_dtype.startswith("fp8") and current_platform.is_fp8_fnuz():
+                raise UnsupportedLayout(f"kv_cache_dtype {cache_dtype} is fnuz fp8 here")
+            return shape_of_config(kv_cache_config, current_platform.is_cpu(), cache_dtype)
         except UnsupportedLayout as exc:
             log.warning("PegaFlow connector off: %s", exc)
             return None

@@ -50,9 +50,10 @@ class SchedulerSide:
         self.config = config
         self.block_size = shape.block_size
         # One namespace per tensor-parallel rank: a prefix is a hit only if every rank holds it.
-        self.namespaces: list[Namespace] = [
-            shape.namespace(model, rank, tp_size, 0) for rank in range(tp_size)
-        ]
+        # MLA's ranks share one (their latent caches are identical).
+        self.namespaces: list[Namespace] = list(
+            dict.fromkeys(shape.namespace(model, rank, tp_size, 0) for rank in range(tp_size))
+        )
         self.digests = [ns.digest() for ns in self.namespaces]
         self.link = NodeLink(config, "scheduler")
         self.requests: dict[str, _Request] = {}

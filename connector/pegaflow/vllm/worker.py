@@ -75,6 +75,8 @@ class WorkerSide:
         self.model = model
         self.tp_rank = tp_rank
         self.tp_size = tp_size
+        # MLA: every rank holds the same latent blocks under one namespace; rank 0 saves them.
+        self.saves_blocks = tp_rank == 0 or not expected.shared_across_tp
         self.forward_context = forward_context
         self.namespace: Namespace | None = None
         self.region: Region | None = None
@@ -106,7 +108,7 @@ class WorkerSide:
         allocation per handle)."""
         names, tensors = layer_tensors(kv_caches)
         try:
-            shape = shape_of_tensors(tensors)
+            shape = shape_of_tensors(tensors, self.expected)
             if shape != self.expected:
                 raise UnsupportedLayout(
                     f"KV tensors are {shape}, the scheduler derived {self.expected}"
@@ -237,7 +239,7 @@ class WorkerSide:
         last event, so nothing the engine runs next can overwrite a block still being read."""
         self.apply_chains(meta)
         recorded, self._recorded = self._recorded, set()
-        if not meta.saves or self.engine is None:
+        if not meta.saves or self.engine is None or not self.saves_blocks:
             return
         after_events: list[int] = []
         if self.region is not None and self.region.device.type == "cuda":
