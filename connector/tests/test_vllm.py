@@ -62,13 +62,20 @@ class EngineProcess:
     """One vLLM engine in a child process; commands and replies are JSON lines."""
 
     def __init__(
-        self, workdir: Path, name: str, socket: Path | None, claim_version: str | None = None
+        self,
+        workdir: Path,
+        name: str,
+        socket: Path | None,
+        claim_version: str | None = None,
+        family: str = "llama",
     ) -> None:
         """`claim_version`: every process of the engine (vLLM spawns its scheduler and workers)
-        runs a pegaflow package that says it is this version, through a `sitecustomize`."""
+        runs a pegaflow package that says it is this version, through a `sitecustomize`.
+        `family`: the tiny model (tests/vllm_support/engine.py's FAMILIES)."""
         self.name = name
         self.log_path = workdir / f"{name}.log"
-        command = [sys.executable, str(ENGINE), "--model", str(workdir / "tiny-llama")]
+        model = workdir / f"tiny-{family}"
+        command = [sys.executable, str(ENGINE), "--model", str(model), "--family", family]
         if socket is not None:
             command += ["--socket", str(socket), "--extra", json.dumps({"retry_interval_s": 1.0})]
         path = [str(CONNECTOR_DIR)]
@@ -286,3 +293,57 @@ def test_two_engines_share_blocks_and_survive_the_node_dying(
         assert engine.close() == 0
         warnings = engine.log().count("unusable (")
         assert warnings <= 2, f"{engine.name}: {warnings} warnings, want one per role\n"
+
+
+MLA_BLOCK = 16  # vLLM's CPU MLA kernel takes 16-token blocks only
+MLA_PROMPTS = prompts(5, [60, 90])
+
+
+def mla_hit_blocks(batch: list[list[int]]) -> int:
+    return sum((len(p) - 1) // MLA_BLOCK for p in batch)
+
+
+def test_mla_model_hits_on_a_second_pass_and_after_a_restart(
+    node: NodeProcess, engines: dict[str, EngineProcess], workdir: Path
+) -> None:
+    """A tiny DeepSeek-V2 (MLA: one 576-wide latent per token, no heads) on vLLM's CPU MLA
+    backend: its blocks are stored in the `mla` layout, a second pass and a restarted engine
+    load them, and greedy outputs equal plain vLLM's."""
+    plain = EngineProcess(workdir, "mla-plain", None, family="deepseek_v2")
+    engines["mla-plain"] = plain
+    plain.reply(START_TIMEOUT_S)
+    baseline = plain.generate(MLA_PROMPTS)["outputs"]
+    assert plain.close() == 0
+    assert len({tuple(o) for o in baseline}) == len(baseline), f"outputs not distinct: {baseline}"
+
+    engine = EngineProcess(workdir, "mla-a", node.socket, family="deepseek_v2")
+    engines["mla-a"] = engine
+    engine.reply(START_TIMEOUT_S)
+    first = engine.generate(MLA_PROMPTS)
+    assert first["outputs"] == baseline
+    assert next(s for s in first["stats"] if s["role"] == "worker")["saved_blocks"] >= (
+        mla_hit_blocks(MLA_PROMPTS)
+    )
+    second = engine.generate(MLA_PROMPTS)
+    assert second["outputs"] == baseline
+    assert engine.stats("scheduler")["hit_tokens"] == mla_hit_blocks(MLA_PROMPTS) * MLA_BLOCK
+    assert engine.stats("worker")["loaded_blocks"] == mla_hit_blocks(MLA_PROMPTS)
+    assert engine.close() == 0
+    latent = Namespace(
+        str(workdir / "tiny-deepseek_v2"), "fp32", "mla", MLA_BLOCK, num_layers=2, num_kv_heads=1,
+        head_dim=512 + 64,
+    )  # fmt: skip
+    with Client(str(node.socket)) as client:
+        for prompt in MLA_PROMPTS:
+            blocks = (len(prompt) - 1) // MLA_BLOCK
+            keys = chain_keys(latent.digest(), prompt[: blocks * MLA_BLOCK], MLA_BLOCK)
+            assert client.lookup(keys).hits == blocks, "stored under the latent namespace"
+
+    restarted = EngineProcess(workdir, "mla-b", node.socket, family="deepseek_v2")
+    engines["mla-b"] = restarted
+    restarted.reply(START_TIMEOUT_S)
+    result = restarted.generate(MLA_PROMPTS)
+    assert result["outputs"] == baseline
+    assert restarted.stats("worker")["loaded_blocks"] == mla_hit_blocks(MLA_PROMPTS)
+    assert restarted.stats("worker")["load_error_blocks"] == 0
+    assert restarted.close() == 0
