@@ -169,8 +169,8 @@ def shape_of_config(
     kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
     if any("Mamba" in kind for kind in kinds):
         raise UnsupportedLayout(
-            f"state (Mamba) KV cache groups ({', '.join(kinds)}) are not supported: PegaFlow "
-            "stores attention KV blocks, not recurrent state"
+            f"state (Mamba) KV cache groups ({', '.join(kinds)}) are not supported yet: "
+            "storing the state at block boundaries is not written"
         )
     if len(groups) != 1:
         raise UnsupportedLayout(
