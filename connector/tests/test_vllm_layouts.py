@@ -256,3 +256,28 @@ def test_quantized_kv_dtypes_that_pack_scales_turn_the_connector_off(vllm_config
     kv_cache_config, _ = build_kv_caches(vllm_config, specs, CPUAttentionBackend, "fp8")
     with pytest.raises(UnsupportedLayout, match="kv_cache_dtype int8_per_token_head packs"):
         shape_of_config(kv_cache_config, True, "int8_per_token_head")
+
+
+def test_pipeline_stages_get_namespaces_of_their_own_layers(
+    node: NodeProcess, vllm_config: Any
+) -> None:
+    """PP=2 x TP=2: the scheduler looks up one namespace per stage and rank, each with the
+    stage's layer count; a stage-1 worker registers its own layers under the namespace the
+    scheduler asks for."""
+    shape = KvShape("fp32", "vllm_lbhnc", 32, 3, 2, 64)
+    config = ConnectorConfig(socket_path=str(node.socket))
+    scheduler = SchedulerSide(config, shape, MODEL, 2, stage_layers=[3, 2])
+    assert [(ns.pp_stage, ns.tp_rank, ns.num_layers) for ns in scheduler.namespaces] == [
+        (0, 0, 3), (0, 1, 3), (1, 0, 2), (1, 1, 2),
+    ]  # fmt: skip
+    scheduler.close()
+
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    specs = {f"model.layers.{i}.self_attn.attn": spec for i in (3, 4)}  # stage 1's layers
+    kv_cache_config, caches = build_kv_caches(vllm_config, specs, CPUAttentionBackend, "auto")
+    stage1 = shape_of_config(kv_cache_config, True, "auto")
+    side = WorkerSide(config, stage1, MODEL, 1, 2, forward_context={}, pp_stage=1)
+    side.register_kv_caches(caches)
+    assert side.engine is not None, "the connector turned itself off"
+    assert side.namespace == scheduler.namespaces[3]
+    side.close()

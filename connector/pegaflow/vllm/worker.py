@@ -68,6 +68,7 @@ class WorkerSide:
         tp_rank: int,
         tp_size: int,
         forward_context: Mapping[str, Any],
+        pp_stage: int = 0,
     ) -> None:
         self.config = config
         self.expected = expected
@@ -75,6 +76,7 @@ class WorkerSide:
         self.model = model
         self.tp_rank = tp_rank
         self.tp_size = tp_size
+        self.pp_stage = pp_stage
         # MLA: every rank holds the same latent blocks under one namespace; rank 0 saves them.
         self.saves_blocks = tp_rank == 0 or not expected.shared_across_tp
         self.forward_context = forward_context
@@ -123,7 +125,7 @@ class WorkerSide:
         except UnsupportedLayout as exc:
             log.warning("PegaFlow worker: KV cache not supported (%s); connector off", exc)
             return
-        self.namespace = shape.namespace(self.model, self.tp_rank, self.tp_size, 0)
+        self.namespace = shape.namespace(self.model, self.tp_rank, self.tp_size, self.pp_stage)
         self.link.client()
 
     def _create_save_events(self, names: list[str], device: torch.device) -> None:
