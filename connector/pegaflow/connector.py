@@ -73,9 +73,12 @@ class PegaKVConnector(KVConnectorBase_V1):
             ):
                 # A store miss is never fatal: a block that fails to load is recomputed.
                 transfer_config.kv_load_failure_policy = "recompute"
-            self.scheduler = SchedulerSide(self.config, shape, model, tp_size)
+            stages = self._stage_layers(vllm_config, shape)
+            if stages is None:
+                return
+            self.scheduler = SchedulerSide(self.config, shape, model, tp_size, stages)
         else:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+            from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
             self.worker = WorkerSide(
                 self.config,
@@ -84,6 +87,7 @@ class PegaKVConnector(KVConnectorBase_V1):
                 get_tensor_model_parallel_rank(),
                 tp_size,
                 vllm_config.compilation_config.static_forward_context,
+                pp_stage=get_pp_group().rank_in_group,
             )
         _LIVE.add(self)
 
@@ -92,14 +96,38 @@ class PegaKVConnector(KVConnectorBase_V1):
         from vllm.platforms import current_platform
 
         try:
-            if vllm_config.parallel_config.pipeline_parallel_size > 1:
-                raise UnsupportedLayout("pipeline parallelism is not supported yet")
             if kv_cache_config is None:
                 raise UnsupportedLayout("this vLLM passes no kv_cache_config (needs >= 0.26)")
-            return shape_of_config(kv_cache_config, current_platform.is_cpu())
+            cache_dtype = vllm_config.cache_config.cache_dtype
+            if cache_dtype.startswith("fp8") and current_platform.is_fp8_fnuz():
+                raise UnsupportedLayout(f"kv_cache_dtype {cache_dtype} is fnuz fp8 here")
+            return shape_of_config(kv_cache_config, current_platform.is_cpu(), cache_dtype)
         except UnsupportedLayout as exc:
             log.warning("PegaFlow connector off: %s", exc)
             return None
+
+    def _stage_layers(self, vllm_config: VllmConfig, shape: KvShape) -> list[int] | None:
+        """Attention layers per pipeline stage, for the stages' namespaces. The scheduler's
+        config holds stage 0's layers only; the others follow vLLM's own split of the decoder
+        layers (`get_pp_indices`). Stage 0's count must match, else the split is not one layer
+        per decoder layer and the connector stays off (one warning)."""
+        pp_size = vllm_config.parallel_config.pipeline_parallel_size
+        if pp_size == 1:
+            return [shape.num_layers]
+        from vllm.distributed.utils import get_pp_indices
+
+        total = vllm_config.model_config.get_total_num_hidden_layers()
+        bounds = [get_pp_indices(total, stage, pp_size) for stage in range(pp_size)]
+        stages = [end - start for start, end in bounds]
+        if stages[0] != shape.num_layers:
+            log.warning(
+                "PegaFlow connector off: pipeline stage 0 has %d KV layers, not the %d decoder "
+                "layers vLLM assigns it; the other stages' layers cannot be known",
+                shape.num_layers,
+                stages[0],
+            )
+            return None
+        return stages
 
     def stats(self) -> dict[str, Any]:
         """Counters since start: lookups and hit tokens (scheduler), blocks moved (worker)."""

@@ -62,13 +62,20 @@ class EngineProcess:
     """One vLLM engine in a child process; commands and replies are JSON lines."""
 
     def __init__(
-        self, workdir: Path, name: str, socket: Path | None, claim_version: str | None = None
+        self,
+        workdir: Path,
+        name: str,
+        socket: Path | None,
+        claim_version: str | None = None,
+        family: str = "llama",
     ) -> None:
         """`claim_version`: every process of the engine (vLLM spawns its scheduler and workers)
-        runs a pegaflow package that says it is this version, through a `sitecustomize`."""
+        runs a pegaflow package that says it is this version, through a `sitecustomize`.
+        `family`: the tiny model (tests/vllm_support/engine.py's FAMILIES)."""
         self.name = name
         self.log_path = workdir / f"{name}.log"
-        command = [sys.executable, str(ENGINE), "--model", str(workdir / "tiny-llama")]
+        model = workdir / f"tiny-{family}"
+        command = [sys.executable, str(ENGINE), "--model", str(model), "--family", family]
         if socket is not None:
             command += ["--socket", str(socket), "--extra", json.dumps({"retry_interval_s": 1.0})]
         path = [str(CONNECTOR_DIR)]

@@ -31,6 +31,13 @@ TORCH_DTYPES = {
     torch.float8_e4m3fn: "fp8_e4m3",
     torch.float8_e5m2: "fp8_e5m2",
 }
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8_e4m3": 1, "fp8_e5m2": 1}
+# vLLM's `kv_cache_dtype` values whose cache holds plain fp8 numbers (allocated as uint8, one
+# per-tensor k/v scale per layer that lives with the weights, not in the cache; docs/vllm.md).
+# Every other quantized dtype packs scales or several values per byte into the cache: not
+# supported. `fp8` means e4m3.
+FP8_CACHE_DTYPES = {"fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+UNQUANTIZED_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "float")
 # vLLM >= 0.32 resolves one layout per engine (`KVCacheConfig.kv_cache_layout`): the physical
 # axis order of [L, B, H, N, C]. Only orders that keep a (layer, block) page contiguous qualify.
 VLLM_LAYOUTS = {
@@ -56,7 +63,23 @@ class KvShape:
     num_kv_heads: int
     head_dim: int
 
+    @property
+    def shared_across_tp(self) -> bool:
+        """MLA's latent cache is replicated on every tensor-parallel rank (vLLM's
+        `max_tp_shards=1`): the ranks share one namespace, one rank saves, every rank loads."""
+        return self.layout == "mla"
+
+    @property
+    def segment_bytes(self) -> int:
+        """Bytes of one block of one layer (docs/protocol.md "register")."""
+        values = 1 if self.layout == "mla" else 2
+        return (
+            self.block_size * self.num_kv_heads * values * self.head_dim * DTYPE_BYTES[self.dtype]
+        )
+
     def namespace(self, model: str, tp_rank: int, tp_size: int, pp_stage: int) -> Namespace:
+        if self.shared_across_tp:
+            tp_rank, tp_size = 0, 1
         return Namespace(
             model,
             self.dtype,
@@ -71,7 +94,16 @@ class KvShape:
         )
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype, cache_dtype: str = "auto") -> str:
+    """The namespace's dtype: vLLM's `kv_cache_dtype` for fp8 caches (whose tensors are uint8),
+    else the tensors' own dtype."""
+    if cache_dtype in FP8_CACHE_DTYPES:
+        return FP8_CACHE_DTYPES[cache_dtype]
+    if cache_dtype not in UNQUANTIZED_CACHE_DTYPES:
+        raise UnsupportedLayout(
+            f"kv_cache_dtype {cache_dtype} packs scales or sub-byte values into the cache; "
+            f"supported: auto, {', '.join(FP8_CACHE_DTYPES)}"
+        )
     if dtype not in TORCH_DTYPES:
         raise UnsupportedLayout(f"KV cache dtype {dtype} is not one of {list(TORCH_DTYPES)}")
     return TORCH_DTYPES[dtype]
@@ -95,8 +127,10 @@ def block_layout(tensor: torch.Tensor) -> str:
     )
 
 
-def shape_of_tensors(tensors: list[torch.Tensor]) -> KvShape:
-    """The KvShape every layer tensor agrees on, from the tensors themselves."""
+def shape_of_tensors(tensors: list[torch.Tensor], expected: KvShape) -> KvShape:
+    """The KvShape every layer tensor agrees on, from the tensors themselves. `expected` (the
+    scheduler's, from vLLM's config) says only what tensors cannot: an fp8 cache's format
+    (vLLM allocates it as uint8) and whether the last dim is K and V or one MLA latent."""
     first = tensors[0]
     layout = block_layout(first)
     for tensor in tensors[1:]:
@@ -108,26 +142,52 @@ def shape_of_tensors(tensors: list[torch.Tensor]) -> KvShape:
         if block_layout(tensor) != layout:
             raise UnsupportedLayout("layers use different block layouts")
     _, heads, tokens, channels = first.shape
+    fp8 = expected.dtype in FP8_CACHE_DTYPES.values()
+    if fp8 and first.dtype == torch.uint8:
+        dtype = expected.dtype
+    else:
+        dtype = dtype_name(first.dtype)
+    if expected.layout == "mla":
+        if heads != 1:
+            raise UnsupportedLayout(f"MLA KV tensor has {heads} heads; expected one latent")
+        return KvShape(dtype, "mla", tokens, len(tensors), 1, channels)
     if channels % 2:
         raise UnsupportedLayout(f"last dim {channels} is not K and V packed (odd)")
-    return KvShape(dtype_name(first.dtype), layout, tokens, len(tensors), heads, channels // 2)
+    return KvShape(dtype, layout, tokens, len(tensors), heads, channels // 2)
 
 
-def shape_of_config(kv_cache_config: Any, platform_is_cpu: bool) -> KvShape:
-    """The KvShape the scheduler can know without tensors: from vLLM's KV cache config.
+def shape_of_config(
+    kv_cache_config: Any, platform_is_cpu: bool, cache_dtype: str = "auto"
+) -> KvShape:
+    """The KvShape the scheduler can know without tensors: from vLLM's KV cache config and
+    `cache_config.cache_dtype`.
 
     The worker checks its tensors against this, so a disagreement turns the connector off
     instead of storing blocks under the wrong namespace.
     """
     groups = [g for g in kv_cache_config.kv_cache_groups if getattr(g, "enable_kv_transfer", True)]
+    kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+    if any("Mamba" in kind for kind in kinds):
+        raise UnsupportedLayout(
+            f"state (Mamba) KV cache groups ({', '.join(kinds)}) are not supported yet: "
+            "storing the state at block boundaries is not written"
+        )
     if len(groups) != 1:
         raise UnsupportedLayout(
-            f"{len(groups)} KV cache groups (hybrid models) are not supported yet"
+            f"{len(groups)} KV cache groups ({', '.join(kinds)}; hybrid or sliding-window "
+            "models) are not supported yet"
         )
     spec = groups[0].kv_cache_spec
+    kind = type(spec).__name__
     head_v = getattr(spec, "head_size_v", spec.head_size)
-    if type(spec).__name__ != "FullAttentionSpec" or head_v != spec.head_size:
-        raise UnsupportedLayout(f"KV cache spec {type(spec).__name__} is not supported yet")
+    if getattr(spec, "state_content_bytes", None) is not None:
+        raise UnsupportedLayout(f"KV cache spec {kind} packs its own page format")
+    if kind == "MLAAttentionSpec":
+        latent = True
+    elif kind == "FullAttentionSpec" and head_v == spec.head_size:
+        latent = False
+    else:
+        raise UnsupportedLayout(f"KV cache spec {kind} is not supported yet")
     resolved = getattr(kv_cache_config, "kv_cache_layout", None)
     if resolved is None:  # vLLM before 0.32: CPU is head-major, GPU backends token-major
         layout = "vllm_lbhnc" if platform_is_cpu else "vllm_lbnhc"
@@ -136,11 +196,11 @@ def shape_of_config(kv_cache_config: Any, platform_is_cpu: bool) -> KvShape:
     else:
         raise UnsupportedLayout(f"KV cache layout {resolved} splits blocks; not supported")
     return KvShape(
-        dtype_name(spec.dtype),
-        layout,
+        dtype_name(spec.dtype, cache_dtype),
+        "mla" if latent else layout,
         spec.block_size,
         len(groups[0].layer_names),
-        spec.num_kv_heads,
+        1 if latent else spec.num_kv_heads,
         spec.head_size,
     )
 
@@ -193,8 +253,7 @@ def share_cpu_tensors(
         shm.unlink(path)
         raise
     _rebind(_placements(views, bases), shared)
-    segment = shape.block_size * shape.num_kv_heads * 2 * shape.head_dim
-    segment *= tensors[0].element_size()
+    segment = shape.segment_bytes
     region = Region(
         region={"shm": name, "bytes": total},
         num_blocks=tensors[0].shape[0],
@@ -316,8 +375,7 @@ def export_cuda_tensors(tensors: list[torch.Tensor], shape: KvShape) -> Region:
     storage = tensors[0].untyped_storage()
     if any(t.untyped_storage().data_ptr() != storage.data_ptr() for t in tensors):
         raise UnsupportedLayout("KV layers live in more than one CUDA allocation")
-    segment = shape.block_size * shape.num_kv_heads * 2 * shape.head_dim
-    segment *= tensors[0].element_size()
+    segment = shape.segment_bytes
     return Region(
         region=ipc_region(storage),
         num_blocks=tensors[0].shape[0],

@@ -46,13 +46,27 @@ class SchedulerStats:
 
 
 class SchedulerSide:
-    def __init__(self, config: ConnectorConfig, shape: KvShape, model: str, tp_size: int) -> None:
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        shape: KvShape,
+        model: str,
+        tp_size: int,
+        stage_layers: list[int] | None = None,
+    ) -> None:
+        """`stage_layers`: KV layers of each pipeline stage (default: one stage, `shape`'s)."""
         self.config = config
         self.block_size = shape.block_size
-        # One namespace per tensor-parallel rank: a prefix is a hit only if every rank holds it.
-        self.namespaces: list[Namespace] = [
-            shape.namespace(model, rank, tp_size, 0) for rank in range(tp_size)
-        ]
+        # One namespace per pipeline stage and tensor-parallel rank: a prefix is a hit only if
+        # every one holds it. MLA's ranks share one (their latent caches are identical).
+        stages = stage_layers or [shape.num_layers]
+        self.namespaces: list[Namespace] = list(
+            dict.fromkeys(
+                dataclasses.replace(shape, num_layers=layers).namespace(model, rank, tp_size, stage)
+                for stage, layers in enumerate(stages)
+                for rank in range(tp_size)
+            )
+        )
         self.digests = [ns.digest() for ns in self.namespaces]
         self.link = NodeLink(config, "scheduler")
         self.requests: dict[str, _Request] = {}

@@ -68,6 +68,7 @@ class WorkerSide:
         tp_rank: int,
         tp_size: int,
         forward_context: Mapping[str, Any],
+        pp_stage: int = 0,
     ) -> None:
         self.config = config
         self.expected = expected
@@ -75,6 +76,9 @@ class WorkerSide:
         self.model = model
         self.tp_rank = tp_rank
         self.tp_size = tp_size
+        self.pp_stage = pp_stage
+        # MLA: every rank holds the same latent blocks under one namespace; rank 0 saves them.
+        self.saves_blocks = tp_rank == 0 or not expected.shared_across_tp
         self.forward_context = forward_context
         self.namespace: Namespace | None = None
         self.region: Region | None = None
@@ -106,7 +110,7 @@ class WorkerSide:
         allocation per handle)."""
         names, tensors = layer_tensors(kv_caches)
         try:
-            shape = shape_of_tensors(tensors)
+            shape = shape_of_tensors(tensors, self.expected)
             if shape != self.expected:
                 raise UnsupportedLayout(
                     f"KV tensors are {shape}, the scheduler derived {self.expected}"
@@ -121,7 +125,7 @@ class WorkerSide:
         except UnsupportedLayout as exc:
             log.warning("PegaFlow worker: KV cache not supported (%s); connector off", exc)
             return
-        self.namespace = shape.namespace(self.model, self.tp_rank, self.tp_size, 0)
+        self.namespace = shape.namespace(self.model, self.tp_rank, self.tp_size, self.pp_stage)
         self.link.client()
 
     def _create_save_events(self, names: list[str], device: torch.device) -> None:
@@ -237,7 +241,7 @@ class WorkerSide:
         last event, so nothing the engine runs next can overwrite a block still being read."""
         self.apply_chains(meta)
         recorded, self._recorded = self._recorded, set()
-        if not meta.saves or self.engine is None:
+        if not meta.saves or self.engine is None or not self.saves_blocks:
             return
         after_events: list[int] = []
         if self.region is not None and self.region.device.type == "cuda":

@@ -39,6 +39,50 @@ TINY_LLAMA = {
     "eos_token_id": 2,
     "tie_word_embeddings": False,
 }
+# DeepSeek-V2's attention (MLA) at its real latent size, the one vLLM's CPU MLA kernel takes:
+# kv_lora_rank 512 + qk_rope_head_dim 64 per token. No MoE layer (first_k_dense_replace).
+TINY_DEEPSEEK_V2 = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 2,
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 32,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 2,
+    "moe_layer_freq": 1,
+    "topk_method": "greedy",
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "norm_topk_prob": False,
+    "vocab_size": 1024,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+# Model configs by family, and the engine options each needs beyond ENGINE_OPTIONS (vLLM's CPU
+# MLA kernel takes 16-token blocks only).
+FAMILIES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "llama": (TINY_LLAMA, {}),
+    "deepseek_v2": (TINY_DEEPSEEK_V2, {"block_size": 16}),
+}
 BLOCK_SIZE = 32
 # Engine options of every test engine, offline (`LLM(**...)`) or served (as CLI flags).
 ENGINE_OPTIONS: dict[str, Any] = {
@@ -54,14 +98,14 @@ ENGINE_OPTIONS: dict[str, Any] = {
 }
 
 
-def write_model(directory: str) -> None:
-    """A config-only Llama: vLLM's dummy loader makes the weights (no download needed).
+def write_model(directory: str, family: str = "llama") -> None:
+    """A config-only model: vLLM's dummy loader makes the weights (no download needed).
     Written to a temporary file and renamed, so engines starting together on one directory
     never read a half-written config."""
     os.makedirs(directory, exist_ok=True)
     partial = os.path.join(directory, f"config.json.{os.getpid()}")
     with open(partial, "w") as f:
-        json.dump(TINY_LLAMA, f)
+        json.dump(FAMILIES[family][0], f)
     os.replace(partial, os.path.join(directory, "config.json"))
 
 
@@ -94,10 +138,11 @@ def main() -> None:
     parser.add_argument("--socket", help="use PegaKVConnector with this node socket")
     parser.add_argument("--extra", default="{}", help="more kv_connector_extra_config, JSON")
     parser.add_argument("--serve-port", type=int, help="serve the OpenAI API on this port")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     args = parser.parse_args()
-    write_model(args.model)
+    write_model(args.model, args.family)
 
-    options: dict[str, Any] = dict(ENGINE_OPTIONS)
+    options: dict[str, Any] = {**ENGINE_OPTIONS, **FAMILIES[args.family][1]}
     if args.socket:
         extra = {"socket_path": args.socket, "stats_interval_s": 1.0, **json.loads(args.extra)}
         options["kv_transfer_config"] = {
