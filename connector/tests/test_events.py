@@ -220,11 +220,8 @@ def held_by_node(client: Client, keys: set[bytes]) -> set[bytes]:
 
 
 def test_golden_batch_decodes_with_vllms_decoder() -> None:
-    """The bytes the Rust unit test pins (actors/src/events/batch.rs) are vLLM's batch."""
-    source = (REPO_ROOT / "actors/src/events/batch.rs").read_text()
-    literal = re.search(r"GOLDEN_BATCH_HEX: &str = concat!\((.*?)\);", source, re.S)
-    assert literal is not None
-    golden = bytes.fromhex("".join(re.findall(r'"([0-9a-f]*)"', literal.group(1))))
+    """The bytes the node's encoder test pins (actors/src/events/batch.rs) are vLLM's batch."""
+    golden = bytes.fromhex((REPO_ROOT / "connector/tests/golden/kv_events_batch.hex").read_text())
     batch = msgspec.msgpack.Decoder(KVEventBatch).decode(golden)
     expected = KVEventBatch(
         ts=1.5,

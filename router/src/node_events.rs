@@ -319,23 +319,13 @@ fn decode_event(value: &Value) -> Option<Event> {
 mod tests {
     use super::*;
 
-    /// The node's golden batch (actors/src/events/batch.rs): stored CPU [1;32],[2;32], removed
-    /// STORAGE [3;32], cleared, epoch 7.
-    const GOLDEN_BATCH_HEX: &str = concat!(
-        "94cb3ff80000000000009389a474797065ab426c6f636b53746f726564ac626c6f636b5f68617368",
-        "657392c4200101010101010101010101010101010101010101010101010101010101010101c42002",
-        "02020202020202020202020202020202020202020202020202020202020202b1706172656e745f62",
-        "6c6f636b5f68617368c0a9746f6b656e5f69647390aa626c6f636b5f73697a6500a76c6f72615f69",
-        "64c0a66d656469756da3435055a96c6f72615f6e616d65c0a96f776e657273686970a87065676166",
-        "6c6f7784a474797065ac426c6f636b52656d6f766564ac626c6f636b5f68617368657391c4200303",
-        "030303030303030303030303030303030303030303030303030303030303a66d656469756da75354",
-        "4f52414745a96f776e657273686970a870656761666c6f7781a474797065b0416c6c426c6f636b73",
-        "436c65617265640007",
-    );
+    /// The node's golden batch (connector/tests/golden/kv_events_batch.hex, pinned by the
+    /// node's encoder test): stored CPU [1;32],[2;32], removed STORAGE [3;32], cleared, epoch 7.
+    const GOLDEN_BATCH_HEX: &str = include_str!("../../connector/tests/golden/kv_events_batch.hex");
 
     #[test]
     fn decodes_the_nodes_golden_batch() {
-        let payload = hex::decode(GOLDEN_BATCH_HEX).expect("hex");
+        let payload = hex::decode(GOLDEN_BATCH_HEX.trim()).expect("hex");
         assert_eq!(
             decode_batch(&payload),
             Some(Batch {
