@@ -168,34 +168,23 @@ impl Drop for ShmRegion {
 /// One HTTP/1.1 POST of a JSON body on a fresh connection; returns the status code and the
 /// body.
 pub async fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let request = format!(
+    let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("write request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("read response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("status code");
-    (status, body.to_string())
+    exchange(addr, head + body).await
 }
 
 /// One HTTP/1.1 GET on a fresh connection; returns the status code and the body.
 pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    exchange(addr, request).await
+}
+
+/// Sends one whole request on a fresh connection and reads the response to its end.
+async fn exchange(addr: SocketAddr, request: String) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream
         .write_all(request.as_bytes())
         .await
